@@ -56,6 +56,7 @@ pub struct Pump {
     pub first: Sink,
     pub timeout: Option<Duration>,
     pub exited: Arc<AtomicBool>,
+    pub attached: Arc<AtomicBool>,
     pub table: Arc<ProcessTable>,
 }
 
@@ -89,6 +90,8 @@ fn data_len(event: &pb::ProcessEvent) -> Option<(StreamKind, usize)> {
 struct Delivery {
     pid: u32,
     sub: Option<Sink>,
+    /// Mirrors `sub.is_some()` for the process list.
+    attached: Arc<AtomicBool>,
     backlog: VecDeque<pb::ProcessEvent>,
     backlog_bytes: usize,
     dropped: [u64; 3],
@@ -101,8 +104,7 @@ impl Delivery {
             Some(sub) => match sub.event(event).await {
                 Ok(()) => return true,
                 Err(event) => {
-                    tracing::debug!(pid = self.pid, "client detached; buffering output");
-                    self.sub = None;
+                    self.detach();
                     event
                 }
             },
@@ -110,6 +112,12 @@ impl Delivery {
         };
         self.buffer(event);
         false
+    }
+
+    fn detach(&mut self) {
+        tracing::debug!(pid = self.pid, "client detached; buffering output");
+        self.sub = None;
+        self.attached.store(false, Ordering::Release);
     }
 
     fn buffer(&mut self, event: pb::ProcessEvent) {
@@ -158,6 +166,15 @@ impl Delivery {
             }
         }
         self.sub = Some(sink);
+        self.attached.store(true, Ordering::Release);
+    }
+}
+
+/// Completes when the attached client's connection is gone.
+async fn detached(sub: Option<&Sink>) {
+    match sub {
+        Some(sink) => sink.tx.closed().await,
+        None => std::future::pending().await,
     }
 }
 
@@ -178,11 +195,13 @@ impl Pump {
             first,
             timeout,
             exited,
+            attached,
             table,
         } = self;
         let mut delivery = Delivery {
             pid,
             sub: None,
+            attached,
             backlog: VecDeque::new(),
             backlog_bytes: 0,
             dropped: [0; 3],
@@ -208,6 +227,8 @@ impl Pump {
                     forward(&mut delivery, &sources[1], &bufs[1], r, &mut open[1]).await;
                 }
                 status = &mut exit => break status.ok(),
+                // Notice a client that went away even while the process is quiet.
+                _ = detached(delivery.sub.as_ref()), if delivery.sub.is_some() => delivery.detach(),
                 _ = sleep_until(deadline), if deadline.is_some() && !timed_out => {
                     timed_out = true;
                     tracing::info!(pid, "timeout passed; killing the process group");

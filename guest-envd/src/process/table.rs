@@ -21,6 +21,7 @@ pub struct ProcessHandle {
     pub pid: u32,
     pub info: pb::ProcessInfo,
     exited: Arc<AtomicBool>,
+    attached: Arc<AtomicBool>,
     pub stdin: Option<mpsc::Sender<StdinOp>>,
     pub pty_master: Option<Arc<AsyncFd<OwnedFd>>>,
     pub attach: mpsc::Sender<Attach>,
@@ -33,11 +34,13 @@ impl ProcessHandle {
         pty_master: Option<Arc<AsyncFd<OwnedFd>>>,
         attach: mpsc::Sender<Attach>,
         exited: Arc<AtomicBool>,
+        attached: Arc<AtomicBool>,
     ) -> Self {
         ProcessHandle {
             pid: info.pid,
             info,
             exited,
+            attached,
             stdin,
             pty_master,
             attach,
@@ -144,6 +147,7 @@ impl ProcessTable {
             .values()
             .map(|h| pb::ProcessInfo {
                 exited: h.exited(),
+                attached: h.attached.load(Ordering::Acquire),
                 ..h.info.clone()
             })
             .collect();

@@ -287,6 +287,7 @@ impl Envd {
         };
         let (attach_tx, attach_rx) = mpsc::channel(4);
         let exited = Arc::new(AtomicBool::new(false));
+        let attached = Arc::new(AtomicBool::new(false));
         let info = pb::ProcessInfo {
             pid,
             tag: req.tag.clone(),
@@ -296,6 +297,7 @@ impl Envd {
             user: user.name.clone(),
             pty: req.pty.is_some(),
             exited: false,
+            attached: false,
         };
         let handle = ProcessHandle::new(
             info,
@@ -303,6 +305,7 @@ impl Envd {
             pty_master,
             attach_tx,
             Arc::clone(&exited),
+            Arc::clone(&attached),
         );
         self.processes.insert(Arc::new(handle));
         let pump = Pump {
@@ -313,6 +316,7 @@ impl Envd {
             first: sink,
             timeout: (req.timeout_ms > 0).then(|| Duration::from_millis(req.timeout_ms)),
             exited,
+            attached,
             table: Arc::clone(&self.processes),
         };
         tokio::spawn(pump.run());
