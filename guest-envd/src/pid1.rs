@@ -133,7 +133,7 @@ pub fn load_modules(modules: &[impl AsRef<Path>]) -> Vec<(String, io::Error)> {
     let mut failures = Vec::new();
     for module in modules {
         let path = module.as_ref();
-        let result = File::open(path).map_err(io::Error::from).and_then(|file| {
+        let result = File::open(path).and_then(|file| {
             finit_module(&file, c"", ModuleInitFlags::empty()).map_err(io::Error::from)
         });
         match result {

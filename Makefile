@@ -1,0 +1,46 @@
+# envd-rs: `make demo` runs the main job, `make test` runs every test. Both install what they need.
+
+CARGO ?= cargo
+STATIC_TARGET := x86_64-unknown-linux-gnu
+STATIC_DIR := target/$(STATIC_TARGET)/release
+# Static, stripped binaries for images (the guest has no libc to link against).
+STATIC_ENV := RUSTFLAGS="-C target-feature=+crt-static" CARGO_PROFILE_RELEASE_DEBUG=false CARGO_PROFILE_RELEASE_STRIP=symbols
+
+.PHONY: all deps build static test unit lint demo bench fuzz clean
+
+all: build
+
+deps:
+	@scripts/install-deps.sh
+
+build:
+	$(CARGO) build --workspace
+
+static:
+	$(STATIC_ENV) $(CARGO) build --release -p guest-envd -p host-agent --target $(STATIC_TARGET)
+
+lint:
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --workspace --all-targets -- -D warnings
+
+unit:
+	$(CARGO) test --workspace
+
+test: deps lint unit
+
+demo: deps static
+	@scripts/demo.sh $(STATIC_DIR)
+
+bench: deps
+	$(CARGO) build --release -p guest-envd
+	$(CARGO) bench -p envd-benches --bench envd
+	$(CARGO) run -q --release -p envd-benches --bin bench-report
+
+# Fuzz the frame and message decoders (cargo fuzz needs nightly features: RUSTC_BOOTSTRAP on stable).
+FUZZ_SECONDS ?= 120
+fuzz:
+	@command -v cargo-fuzz >/dev/null || $(CARGO) install cargo-fuzz --locked
+	cd fuzz && RUSTC_BOOTSTRAP=1 $(CARGO) fuzz run frame_decode -- -max_total_time=$(FUZZ_SECONDS)
+
+clean:
+	$(CARGO) clean

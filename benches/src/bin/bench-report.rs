@@ -1,0 +1,91 @@
+//! Prints the medians criterion measured (from `target/criterion/**/new/estimates.json`) and the
+//! side-by-side ratios the project reports. Run after `cargo bench`; `make bench` does both.
+
+use std::path::{Path, PathBuf};
+
+use serde_json::Value;
+
+/// (label, numerator, denominator): each a criterion "group/function" id.
+const RATIOS: &[(&str, &str, &str)] = &[
+    (
+        "exec_roundtrip_ratio_vs_direct_spawn_piped",
+        "exec_roundtrip/envd_unix",
+        "exec_roundtrip/direct_spawn_piped",
+    ),
+    (
+        "exec_roundtrip_ratio_vs_direct_spawn",
+        "exec_roundtrip/envd_unix",
+        "exec_roundtrip/direct_spawn",
+    ),
+];
+
+fn median_ns(criterion_dir: &Path, id: &str) -> Option<f64> {
+    let path = criterion_dir.join(id).join("new").join("estimates.json");
+    let text = std::fs::read_to_string(path).ok()?;
+    let json: Value = serde_json::from_str(&text).ok()?;
+    json.get("median")?.get("point_estimate")?.as_f64()
+}
+
+fn main() {
+    let criterion_dir = std::env::args()
+        .nth(1)
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("target/criterion"));
+    let mut ids = Vec::new();
+    collect_ids(&criterion_dir, &criterion_dir, &mut ids);
+    ids.sort();
+    if ids.is_empty() {
+        eprintln!(
+            "bench-report: no criterion results under {} (run cargo bench first)",
+            criterion_dir.display()
+        );
+        std::process::exit(1);
+    }
+    println!("{:<45} {:>12}", "benchmark", "median");
+    for id in &ids {
+        if let Some(ns) = median_ns(&criterion_dir, id) {
+            println!("{id:<45} {:>12}", human(ns));
+        }
+    }
+    for (label, num, den) in RATIOS {
+        if let (Some(n), Some(d)) = (
+            median_ns(&criterion_dir, num),
+            median_ns(&criterion_dir, den),
+        ) {
+            println!("{label}: {:.2}", n / d);
+        }
+    }
+    if let Some(ns) = median_ns(&criterion_dir, "init_roundtrip/envd_unix") {
+        println!("init_roundtrip_us_median: {:.1}", ns / 1000.0);
+    }
+}
+
+/// Every "group/function" directory holding a `new/estimates.json`.
+fn collect_ids(root: &Path, dir: &Path, out: &mut Vec<String>) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let path = entry.path();
+        if !path.is_dir() {
+            continue;
+        }
+        if path.join("new").join("estimates.json").is_file() {
+            if let Ok(rel) = path.strip_prefix(root) {
+                out.push(rel.to_string_lossy().into_owned());
+            }
+        } else if path.file_name().is_some_and(|n| n != "report") {
+            collect_ids(root, &path, out);
+        }
+    }
+}
+
+fn human(ns: f64) -> String {
+    if ns >= 1e6 {
+        format!("{:.3} ms", ns / 1e6)
+    } else if ns >= 1e3 {
+        format!("{:.1} µs", ns / 1e3)
+    } else {
+        format!("{ns:.0} ns")
+    }
+}
