@@ -6,6 +6,9 @@ need=()
 command -v cc >/dev/null || need+=(gcc)
 command -v sha256sum >/dev/null || need+=(coreutils)
 command -v stty >/dev/null || need+=(coreutils)
+# The full-stack tests boot VMs with QEMU (the harness, and the reference VMM) and fetch Debian's kernel.
+command -v qemu-system-x86_64 >/dev/null || need+=(qemu-system-x86)
+command -v dpkg-deb >/dev/null || need+=(dpkg)
 if ((${#need[@]})); then
   sudo=""
   [ "$(id -u)" = 0 ] || sudo="sudo"

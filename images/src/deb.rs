@@ -111,8 +111,42 @@ impl DebCache {
 
     /// The candidate version apt would install, if apt's lists know the package.
     pub fn candidate(&self, name: &str) -> Option<String> {
+        self.show(name).and_then(|t| control_field(&t, "Version"))
+    }
+
+    /// `apt-cache show --no-all-versions NAME`, memoized in `<cache>/apt-show.json` for as long as apt's
+    /// lists are unchanged (loading apt's cache costs about a second per call).
+    fn show(&self, name: &str) -> Option<String> {
+        let stamp = std::fs::metadata("/var/lib/apt/lists")
+            .and_then(|m| m.modified())
+            .ok()
+            .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+            .map(|d| d.as_nanos().to_string())?;
+        let memo_path = self.dir.join("apt-show.json");
+        let mut memo: std::collections::BTreeMap<String, String> =
+            std::fs::read_to_string(&memo_path)
+                .ok()
+                .and_then(|t| serde_json::from_str(&t).ok())
+                .unwrap_or_default();
+        if memo.get("\u{0}stamp") != Some(&stamp) {
+            memo.clear();
+            memo.insert("\u{0}stamp".to_string(), stamp);
+        }
+        if let Some(t) = memo.get(name) {
+            return Some(t.clone());
+        }
         let text = run("apt-cache", &["show", "--no-all-versions", name], None).ok()?;
-        control_field(&text, "Version")
+        control_field(&text, "Version")?;
+        memo.insert(name.to_string(), text.clone());
+        if std::fs::create_dir_all(&self.dir).is_ok() {
+            if let Ok(json) = serde_json::to_string(&memo) {
+                let tmp = self.dir.join(format!(".apt-show.{}", std::process::id()));
+                if std::fs::write(&tmp, json).is_ok() {
+                    let _ = std::fs::rename(&tmp, &memo_path);
+                }
+            }
+        }
+        Some(text)
     }
 
     /// Resolves a meta package (e.g. `linux-image-cloud-amd64`) to the versioned package it depends on.
@@ -123,7 +157,7 @@ impl DebCache {
         prefix: &str,
         fallback: (&str, &str),
     ) -> Result<String, DebError> {
-        if let Ok(text) = run("apt-cache", &["show", "--no-all-versions", meta], None) {
+        if let Some(text) = self.show(meta) {
             if let Some(dep) =
                 control_field(&text, "Depends").and_then(|d| dependency_with_prefix(&d, prefix))
             {
@@ -289,7 +323,7 @@ mod tests {
             deb_file_name("busybox-static", "1:1.35.0-4", "amd64"),
             "busybox-static_1%3a1.35.0-4_amd64.deb"
         );
-        let mut v = vec![
+        let mut v = [
             "linux-image-6.1.0-28-cloud-amd64",
             "linux-image-6.1.0-9-cloud-amd64",
         ];

@@ -131,6 +131,8 @@ pub struct RunOptions {
     pub qemu: Option<PathBuf>,
     /// Outer VM memory in MiB.
     pub memory_mib: u32,
+    /// Extra kernel command line for the test host (e.g. `loglevel=7` to see its boot).
+    pub extra_cmdline: Option<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -172,7 +174,7 @@ fn env_exports(vars: &[(&str, String)]) -> String {
 
 fn run_native(opts: &RunOptions, out: &mut dyn Write) -> Result<RunResult, HarnessError> {
     let start = Instant::now();
-    tracing::info!("hardware KVM found: running natively");
+    tracing::info!("running natively (no nested test host)");
     let Some((prog, args)) = opts.command.split_first() else {
         return Err(HarnessError::Native {
             cmd: String::new(),
@@ -231,14 +233,28 @@ fn run_native(opts: &RunOptions, out: &mut dyn Write) -> Result<RunResult, Harne
         })?;
     let mut stdout = child.stdout.take();
     let deadline = start + opts.timeout;
+    let (tx, rx) = std::sync::mpsc::channel::<Vec<u8>>();
     let reader = std::thread::spawn(move || {
-        let mut buf = Vec::new();
-        if let Some(s) = stdout.as_mut() {
-            let _ = s.read_to_end(&mut buf);
+        let mut buf = vec![0u8; 64 * 1024];
+        while let Some(s) = stdout.as_mut() {
+            match s.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => {
+                    if tx.send(buf[..n].to_vec()).is_err() {
+                        break;
+                    }
+                }
+            }
         }
-        buf
     });
+    let forward = |out: &mut dyn Write| {
+        while let Ok(chunk) = rx.try_recv() {
+            let _ = out.write_all(&chunk);
+            let _ = out.flush();
+        }
+    };
     let status = loop {
+        forward(out);
         if let Some(st) = child.try_wait().map_err(|source| HarnessError::Native {
             cmd: name.clone(),
             source,
@@ -255,10 +271,10 @@ fn run_native(opts: &RunOptions, out: &mut dyn Write) -> Result<RunResult, Harne
                 tail: String::new(),
             });
         }
-        std::thread::sleep(Duration::from_millis(50));
+        std::thread::sleep(Duration::from_millis(20));
     };
-    let buf = reader.join().unwrap_or_default();
-    let _ = out.write_all(&buf);
+    let _ = reader.join();
+    forward(out);
     let code = status.code().unwrap_or(128 + 9);
     let total = start.elapsed().as_secs_f64();
     Ok(RunResult {
@@ -270,6 +286,23 @@ fn run_native(opts: &RunOptions, out: &mut dyn Write) -> Result<RunResult, Harne
         prepare_secs: 0.0,
         total_secs: total,
     })
+}
+
+/// Removes all but the `keep` newest `run-*` directories under `parent` (old logs and native-mode links).
+pub fn prune_runs(parent: &Path, keep: usize) {
+    let Ok(rd) = std::fs::read_dir(parent) else {
+        return;
+    };
+    let mut runs: Vec<(std::time::SystemTime, PathBuf)> = rd
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_string_lossy().starts_with("run-"))
+        .filter_map(|e| Some((e.metadata().ok()?.modified().ok()?, e.path())))
+        .collect();
+    runs.sort();
+    let n = runs.len().saturating_sub(keep);
+    for (_, p) in runs.into_iter().take(n) {
+        let _ = std::fs::remove_dir_all(p);
+    }
 }
 
 /// Reads what was appended to a file since `pos`.
@@ -368,7 +401,11 @@ fn run_nested(
         .arg(&host.vmlinuz)
         .arg("-initrd")
         .arg(&initrd)
-        .args(["-append", OUTER_CMDLINE])
+        .arg("-append")
+        .arg(match &opts.extra_cmdline {
+            Some(extra) => format!("{OUTER_CMDLINE} {extra}"),
+            None => OUTER_CMDLINE.to_string(),
+        })
         .arg("-serial")
         .arg(format!("file:{}", console.display()))
         .arg("-serial")
@@ -450,7 +487,6 @@ fn run_nested(
                     tail: tail(&console, 40),
                 });
             };
-            let _ = std::fs::remove_file(&initrd);
             return Ok(RunResult {
                 exit_code: code,
                 native: false,

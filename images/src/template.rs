@@ -313,3 +313,62 @@ impl Write for Sink {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn envd_json_matches_the_guest_contract() {
+        let mut env = TemplateEnv::default();
+        env.env.insert("K".into(), "V".into());
+        let cfg = envd_config(&env, vec!["/lib/modules/x/kernel/a.ko".into()]);
+        let v: serde_json::Value = serde_json::to_value(&cfg).unwrap();
+        assert_eq!(
+            v,
+            serde_json::json!({
+                "listen": "vsock:49983",
+                "template_env": {"K": "V"},
+                "modules": ["/lib/modules/x/kernel/a.ko"],
+            })
+        );
+        env.user = Some("root".into());
+        env.workdir = Some("/srv/app".into());
+        let v = serde_json::to_value(envd_config(&env, vec![])).unwrap();
+        assert_eq!(v["template_user"], "root");
+        assert_eq!(v["template_workdir"], "/srv/app");
+    }
+
+    #[test]
+    fn env_sources() {
+        let dir = tempfile::tempdir().unwrap();
+        let oci = dir.path().join("config.json");
+        std::fs::write(&oci, r#"{"config":{"Env":["A=1"],"WorkingDir":"/w"}}"#).unwrap();
+        let t = load_env(&EnvSource::OciConfig(oci)).unwrap();
+        assert_eq!(t.env["A"], "1");
+        assert_eq!(t.workdir.as_deref(), Some("/w"));
+        let ef = dir.path().join("env");
+        std::fs::write(&ef, "B=2\n").unwrap();
+        assert_eq!(load_env(&EnvSource::EnvFile(ef)).unwrap().env["B"], "2");
+        assert!(matches!(
+            load_env(&EnvSource::EnvFile(dir.path().join("missing"))),
+            Err(BuildError::Io { .. })
+        ));
+        let bad = dir.path().join("bad");
+        std::fs::write(&bad, "nope\n").unwrap();
+        assert!(matches!(
+            load_env(&EnvSource::EnvFile(bad)),
+            Err(BuildError::Env { .. })
+        ));
+    }
+
+    #[test]
+    fn committed_test_config_parses() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("testdata/oci-config.json");
+        let t = load_env(&EnvSource::OciConfig(path)).unwrap();
+        assert_eq!(t.env["TEMPLATE_ONLY"], "from-image");
+        assert!(t.env["PATH"].split(':').any(|p| p == "/bin"));
+        assert!(t.env["PATH"].split(':').any(|p| p == "/usr/bin"));
+        assert_eq!(t.workdir.as_deref(), Some("/srv/app"));
+    }
+}

@@ -1,1 +1,103 @@
-fn main() {}
+//! `envd-e2e`: the full-stack checks, run inside the test host (`envd-harness run -- envd-e2e`) or on a
+//! host with hardware KVM. For each available VMM: boot the template, wait for guest-envd, run the checks,
+//! power off; prints `VMM: N passed, M failed` per VMM and exits non-zero if anything failed.
+//!
+//! Inputs (flags, else env vars set by the harness, else defaults): the template directory
+//! (`$ENVD_TEMPLATE_DIR`, `/template`), the host-agent CLI (`$ENVD_HOST_AGENT`, `host-agent` on PATH), QEMU
+//! (`$ENVD_QEMU`, `qemu-system-x86_64` on PATH).
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use clap::Parser;
+use envd_images::e2e::vmm::{Qemu, Vmm};
+use envd_images::e2e::Runner;
+use envd_images::{paths, template};
+
+#[derive(Parser)]
+#[command(about = "Full-stack envd checks against a template, per VMM")]
+struct Cli {
+    #[arg(long, env = "ENVD_TEMPLATE_DIR", default_value = "/template")]
+    template: PathBuf,
+    #[arg(long, env = "ENVD_HOST_AGENT")]
+    host_agent: Option<PathBuf>,
+    #[arg(long, env = "ENVD_QEMU")]
+    qemu: Option<PathBuf>,
+    /// Only these VMMs (default: all available). Known: qemu.
+    #[arg(long = "vmm")]
+    vmms: Vec<String>,
+    /// vsock CID for the guest.
+    #[arg(long, default_value_t = 3)]
+    cid: u32,
+    /// Deadline for the template to boot until envd answers health.
+    #[arg(long, default_value_t = 120)]
+    boot_timeout: u64,
+    #[arg(long, env = "ENVD_E2E_DIR")]
+    work_dir: Option<PathBuf>,
+}
+
+fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let manifest = template::read_manifest(&cli.template).with_context(|| {
+        format!(
+            "no readable {} in {} (build the template first)",
+            template::MANIFEST,
+            cli.template.display()
+        )
+    })?;
+    let host_agent = cli
+        .host_agent
+        .or_else(|| paths::which("host-agent"))
+        .context("host-agent CLI not found (set ENVD_HOST_AGENT or put it on PATH)")?;
+    let qemu = cli
+        .qemu
+        .or_else(|| paths::which("qemu-system-x86_64"))
+        .unwrap_or_else(|| "qemu-system-x86_64".into());
+    let all: Vec<Box<dyn Vmm>> = vec![Box::new(Qemu {
+        binary: qemu,
+        cid: cli.cid,
+        memory_mib: 256,
+    })];
+    let work_dir = cli
+        .work_dir
+        .unwrap_or_else(|| std::env::temp_dir().join(format!("envd-e2e-{}", std::process::id())));
+    let runner = Runner {
+        template_dir: &cli.template,
+        manifest: &manifest,
+        host_agent,
+        work_dir,
+        boot_deadline: Duration::from_secs(cli.boot_timeout),
+    };
+    let mut stdout = std::io::stdout();
+    let (mut passed, mut failed, mut ran) = (0, 0, 0);
+    for vmm in &all {
+        if !cli.vmms.is_empty() && !cli.vmms.iter().any(|v| v == vmm.name()) {
+            continue;
+        }
+        if let Some(why) = vmm.unavailable() {
+            println!("{}: skipped: {why}", vmm.name());
+            continue;
+        }
+        ran += 1;
+        let s = runner.run(vmm.as_ref(), &mut stdout);
+        passed += s.passed;
+        failed += s.failed;
+    }
+    if ran == 0 {
+        bail!("no VMM could run");
+    }
+    if all.len() > 1 {
+        println!("e2e: {passed} passed, {failed} failed");
+    }
+    if failed > 0 {
+        std::process::exit(1);
+    }
+    Ok(())
+}

@@ -35,7 +35,7 @@ enum Cmd {
         #[arg(long, default_value_t = 600)]
         timeout: u64,
         /// HOST_PATH[:GUEST_PATH] to copy into the test host (files or directories; dynamically linked
-        /// executables bring their shared libraries).
+        /// executables bring their shared libraries). Without GUEST_PATH the file keeps its absolute host path.
         #[arg(long = "include")]
         includes: Vec<String>,
         /// Template directory to include at /template (default: <repo>/target/template if present).
@@ -52,6 +52,9 @@ enum Cmd {
         /// Outer VM memory in MiB.
         #[arg(long, default_value_t = 2048)]
         memory: u32,
+        /// Extra test host kernel arguments (e.g. `loglevel=7` to see its boot in console.log).
+        #[arg(long)]
+        append: Option<String>,
         #[arg(required = true, last = true)]
         command: Vec<String>,
     },
@@ -118,6 +121,7 @@ fn main() {
         no_default_includes,
         mode,
         memory,
+        append,
         command,
     } = Cli::parse().cmd;
     let mut incs = Vec::new();
@@ -139,10 +143,11 @@ fn main() {
     for i in &incs {
         tracing::info!("include {} -> {}", i.host.display(), i.guest);
     }
-    let work_dir = std::env::var_os("ENVD_HARNESS_DIR")
+    let runs_dir = std::env::var_os("ENVD_HARNESS_DIR")
         .map(PathBuf::from)
-        .unwrap_or_else(|| paths::repo_root().join("target/envd-harness"))
-        .join(format!("run-{}", std::process::id()));
+        .unwrap_or_else(|| paths::repo_root().join("target/envd-harness"));
+    harness::prune_runs(&runs_dir, 8);
+    let work_dir = runs_dir.join(format!("run-{}", std::process::id()));
     let opts = RunOptions {
         timeout: Duration::from_secs(timeout),
         includes: incs,
@@ -155,6 +160,7 @@ fn main() {
         work_dir,
         qemu: None,
         memory_mib: memory,
+        extra_cmdline: append,
     };
     let cache = DebCache::new(&paths::cache_dir());
     let mut stdout = std::io::stdout();
