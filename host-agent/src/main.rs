@@ -1,7 +1,8 @@
-//! host-agent: the host side of envd-rs. Today: a client CLI for envd (`host-agent envd ...`);
-//! the KVM VMM grows here next.
+//! host-agent: the host side of envd-rs: `run` boots a VM in our KVM VMM, `envd` talks to the envd
+//! inside.
 
 mod envd_cli;
+mod run_cli;
 
 use clap::{Parser, Subcommand};
 
@@ -16,6 +17,8 @@ struct Cli {
 enum Command {
     /// Talk to an envd: init, exec, list, signal, health, shutdown.
     Envd(envd_cli::EnvdArgs),
+    /// Boot a template (or kernel + initrd) in the KVM VMM and run it until the guest powers off.
+    Run(run_cli::RunArgs),
 }
 
 fn main() {
@@ -26,21 +29,15 @@ fn main() {
         )
         .with_writer(std::io::stderr)
         .init();
-    let cli = Cli::parse();
-    let runtime = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("host-agent: cannot start the async runtime: {e}");
-            std::process::exit(1);
-        }
+    let result = match Cli::parse().command {
+        Command::Run(args) => run_cli::run(args),
+        Command::Envd(args) => tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(anyhow::Error::from)
+            .and_then(|rt| rt.block_on(envd_cli::run(args))),
     };
-    let code = match cli.command {
-        Command::Envd(args) => runtime.block_on(envd_cli::run(args)),
-    };
-    match code {
+    match result {
         Ok(code) => std::process::exit(code),
         Err(e) => {
             eprintln!("host-agent: {e:#}");

@@ -1,0 +1,128 @@
+//! The 8250 serial console (vm-superio), its interrupt through an irqfd, and its output written to
+//! a log file while watching for a kernel panic.
+
+use std::io::{self, Write};
+use std::sync::{Arc, Mutex};
+
+use vm_superio::{Serial, Trigger};
+use vmm_sys_util::eventfd::EventFd;
+
+use super::bus::BusDevice;
+
+/// Raises the serial interrupt by signalling the irqfd KVM injects from.
+pub struct IrqTrigger(pub EventFd);
+
+impl Trigger for IrqTrigger {
+    type E = io::Error;
+    fn trigger(&self) -> io::Result<()> {
+        self.0.write(1)
+    }
+}
+
+/// The first line of a kernel panic, once one has been printed.
+pub type PanicWatch = Arc<Mutex<Option<String>>>;
+
+/// Console output: to a file (or nowhere), line by line, noting a kernel panic.
+pub struct ConsoleOutput {
+    sink: Option<io::LineWriter<std::fs::File>>,
+    line: Vec<u8>,
+    panic: PanicWatch,
+}
+
+const MAX_LINE: usize = 4096;
+
+impl ConsoleOutput {
+    pub fn new(file: Option<std::fs::File>, panic: PanicWatch) -> Self {
+        ConsoleOutput {
+            sink: file.map(io::LineWriter::new),
+            line: Vec::new(),
+            panic,
+        }
+    }
+
+    fn end_line(&mut self) {
+        let text = String::from_utf8_lossy(&self.line);
+        if text.contains("Kernel panic - not syncing") {
+            let mut panic = self.panic.lock().unwrap_or_else(|e| e.into_inner());
+            panic.get_or_insert_with(|| text.trim().to_string());
+        }
+        self.line.clear();
+    }
+}
+
+impl Write for ConsoleOutput {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        for b in buf {
+            if *b == b'\n' || self.line.len() >= MAX_LINE {
+                self.end_line();
+            } else {
+                self.line.push(*b);
+            }
+        }
+        if let Some(sink) = &mut self.sink {
+            // A full disk must not stop the guest: the console is best effort.
+            let _ = sink.write_all(buf);
+        }
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        match &mut self.sink {
+            Some(s) => s.flush(),
+            None => Ok(()),
+        }
+    }
+}
+
+pub struct SerialDevice(pub Serial<IrqTrigger, vm_superio::serial::NoEvents, ConsoleOutput>);
+
+impl SerialDevice {
+    pub fn new(irq: EventFd, out: ConsoleOutput) -> Self {
+        SerialDevice(Serial::new(IrqTrigger(irq), out))
+    }
+}
+
+impl BusDevice for SerialDevice {
+    fn read(&mut self, offset: u64, data: &mut [u8]) {
+        if let (Some(first), Ok(off)) = (data.first_mut(), u8::try_from(offset)) {
+            *first = self.0.read(off);
+        }
+    }
+
+    fn write(&mut self, offset: u64, data: &[u8]) {
+        if let (Some(value), Ok(off)) = (data.first(), u8::try_from(offset)) {
+            if let Err(e) = self.0.write(off, *value) {
+                tracing::debug!(error = ?e, "serial write");
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn notes_a_kernel_panic_line() {
+        let watch = PanicWatch::default();
+        let mut out = ConsoleOutput::new(None, watch.clone());
+        out.write_all(b"[    1.0] booting\n[    2.0] Kernel panic - not syncing: VFS: Unable to mount root fs\n")
+            .unwrap();
+        let seen = watch.lock().unwrap().clone().unwrap();
+        assert!(seen.contains("Unable to mount root fs"));
+    }
+
+    #[test]
+    fn transmits_through_the_thr_register() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("console.log");
+        let file = std::fs::File::create(&path).unwrap();
+        let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let mut dev = SerialDevice::new(irq, ConsoleOutput::new(Some(file), PanicWatch::default()));
+        for b in b"hi\n" {
+            dev.write(0, &[*b]);
+        }
+        dev.0.writer_mut().flush().unwrap();
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), "hi\n");
+    }
+}

@@ -1,0 +1,23 @@
+//! The VMM: a KVM virtual machine that boots a stock Linux bzImage with an initramfs, with a serial
+//! console, virtio-mmio devices described through ACPI, and virtio-vsock to reach envd.
+//!
+//! Shaped like Firecracker's `vmm`: `arch/` computes boot state, `vstate/` owns KVM objects,
+//! `devices/` holds the device models, `builder.rs` assembles a VM from a config.
+
+pub mod acpi;
+pub mod arch;
+pub mod builder;
+pub mod devices;
+pub mod layout;
+pub mod vstate;
+
+/// Why the VM stopped.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum VmStop {
+    /// The guest powered off (ACPI S5 or a KVM shutdown event).
+    PowerOff,
+    /// The guest reset the machine (reboot, triple fault, or a panic with `panic=-1`).
+    Reset,
+    /// KVM reported a failure the guest cannot recover from.
+    Failed(String),
+}

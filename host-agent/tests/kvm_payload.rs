@@ -1,0 +1,80 @@
+//! KVM plumbing against the local /dev/kvm with a tiny real-mode payload (no kernel): VM creation
+//! with irqchip and PIT, memory slots, vCPU run loop, port-I/O dispatch to the serial console and to
+//! the ACPI sleep register that powers the VM off.
+
+use std::sync::mpsc::channel;
+use std::sync::{Arc, Mutex};
+
+use host_agent::vmm::devices::bus::Bus;
+use host_agent::vmm::devices::legacy::AcpiSleep;
+use host_agent::vmm::devices::serial::{ConsoleOutput, PanicWatch, SerialDevice};
+use host_agent::vmm::layout::{ACPI_SLEEP_CONTROL_PORT, SERIAL_PORT, SERIAL_PORT_LEN};
+use host_agent::vmm::vstate::memory;
+use host_agent::vmm::vstate::vcpu::Vcpu;
+use host_agent::vmm::vstate::vm::Vm;
+use host_agent::vmm::VmStop;
+use vm_memory::{Bytes, GuestAddress};
+use vmm_sys_util::eventfd::EventFd;
+
+const LOAD_ADDR: u64 = 0x1000;
+
+/// mov dx, 0x3f8; mov al, 'o'; out dx, al; mov al, 'k'; out dx, al;
+/// mov dx, 0x600; mov al, (5 << 2) | 0x20; out dx, al; hlt
+const PAYLOAD: &[u8] = &[
+    0xba, 0xf8, 0x03, 0xb0, b'o', 0xee, 0xb0, b'k', 0xee, 0xba, 0x00, 0x06, 0xb0, 0x34, 0xee, 0xf4,
+];
+
+#[test]
+fn a_real_mode_payload_prints_on_the_serial_port_and_powers_off() {
+    if !std::path::Path::new("/dev/kvm").exists() {
+        eprintln!("skipped: no /dev/kvm");
+        return;
+    }
+    let vm = Vm::new().expect("create VM");
+    let (mem, _file) = memory::create(64).expect("memory");
+    vm.register_memory(&mem).expect("memory slots");
+    mem.write_slice(PAYLOAD, GuestAddress(LOAD_ADDR)).unwrap();
+
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("console.log");
+    let (stop_tx, stop_rx) = channel();
+    let serial = Arc::new(Mutex::new(SerialDevice::new(
+        EventFd::new(libc::EFD_NONBLOCK).unwrap(),
+        ConsoleOutput::new(
+            Some(std::fs::File::create(&log).unwrap()),
+            PanicWatch::default(),
+        ),
+    )));
+    let mut io = Bus::default();
+    io.insert(
+        u64::from(SERIAL_PORT),
+        u64::from(SERIAL_PORT_LEN),
+        serial.clone(),
+    )
+    .unwrap();
+    io.insert(
+        u64::from(ACPI_SLEEP_CONTROL_PORT),
+        2,
+        Arc::new(Mutex::new(AcpiSleep::new(stop_tx.clone()))),
+    )
+    .unwrap();
+
+    let vcpu = Vcpu::new(&vm, 0).expect("vCPU");
+    let mut sregs = vcpu.fd.get_sregs().unwrap();
+    sregs.cs.base = 0;
+    sregs.cs.selector = 0;
+    vcpu.fd.set_sregs(&sregs).unwrap();
+    let mut regs = vcpu.fd.get_regs().unwrap();
+    regs.rip = LOAD_ADDR;
+    regs.rflags = 2;
+    vcpu.fd.set_regs(&regs).unwrap();
+    vcpu.spawn(Arc::new(io), Arc::new(Bus::default()), stop_tx)
+        .unwrap();
+
+    let stop = stop_rx
+        .recv_timeout(std::time::Duration::from_secs(60))
+        .expect("the payload stops the VM");
+    assert_eq!(stop, VmStop::PowerOff);
+    std::io::Write::flush(serial.lock().unwrap().0.writer_mut()).unwrap();
+    assert_eq!(std::fs::read_to_string(&log).unwrap(), "ok");
+}
