@@ -1,7 +1,10 @@
 //! host-agent: the host side of envd-rs: `run` boots a VM in our KVM VMM, `envd` talks to the envd
 //! inside.
 
+mod control;
+mod ctl_cli;
 mod envd_cli;
+mod restore_cli;
 mod run_cli;
 
 use clap::{Parser, Subcommand};
@@ -19,6 +22,10 @@ enum Command {
     Envd(envd_cli::EnvdArgs),
     /// Boot a template (or kernel + initrd) in the KVM VMM and run it until the guest powers off.
     Run(run_cli::RunArgs),
+    /// Start a sandbox from a snapshot: restore, /init with instance env, serve until power-off.
+    Restore(restore_cli::RestoreArgs),
+    /// Pause, resume or snapshot a running sandbox through its control socket.
+    Ctl(ctl_cli::CtlArgs),
 }
 
 fn main() {
@@ -31,6 +38,8 @@ fn main() {
         .init();
     let result = match Cli::parse().command {
         Command::Run(args) => run_cli::run(args),
+        Command::Restore(args) => restore_cli::run(args),
+        Command::Ctl(args) => ctl_cli::run(args),
         Command::Envd(args) => tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()

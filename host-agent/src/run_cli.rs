@@ -38,6 +38,9 @@ pub struct RunArgs {
     /// envd's vsock port.
     #[arg(long, default_value_t = envd_protocol::DEFAULT_VSOCK_PORT)]
     envd_port: u32,
+    /// Serve pause/resume/snapshot on this Unix socket (see `host-agent ctl`).
+    #[arg(long)]
+    control_sock: Option<PathBuf>,
     /// Fail when envd has not answered this many milliseconds after start (0: do not wait for it).
     #[arg(long, default_value_t = 120_000)]
     envd_timeout_ms: u64,
@@ -88,12 +91,19 @@ pub fn run(args: RunArgs) -> anyhow::Result<i32> {
     };
     let started = Instant::now();
     let vmm = Vmm::build(&config)?;
-    let build_time = vmm.build_time;
-    let vm = vmm.start()?;
+    let build_time = vmm.timings.last().map(|(_, d)| *d).unwrap_or_default();
+    let vm = std::sync::Arc::new(vmm.start()?);
     eprintln!(
         "host-agent: VM built in {} ms, vCPUs running",
         build_time.as_millis()
     );
+    if let Some(path) = &args.control_sock {
+        let envd = args.vsock_uds.clone().map(|uds| Address::HybridVsock {
+            uds,
+            port: args.envd_port,
+        });
+        crate::control::serve(path, vm.clone(), envd)?;
+    }
 
     if let (Some(uds), true) = (&args.vsock_uds, args.envd_timeout_ms > 0) {
         let addr = Address::HybridVsock {

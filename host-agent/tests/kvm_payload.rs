@@ -68,7 +68,13 @@ fn a_real_mode_payload_prints_on_the_serial_port_and_powers_off() {
     regs.rip = LOAD_ADDR;
     regs.rflags = 2;
     vcpu.fd.set_regs(&regs).unwrap();
-    vcpu.spawn(Arc::new(io), Arc::new(Bus::default()), stop_tx)
+    let _handle = vcpu
+        .spawn(
+            Arc::new(io),
+            Arc::new(Bus::default()),
+            stop_tx,
+            Arc::new(Vec::new()),
+        )
         .unwrap();
 
     let stop = stop_rx
@@ -77,4 +83,50 @@ fn a_real_mode_payload_prints_on_the_serial_port_and_powers_off() {
     assert_eq!(stop, VmStop::PowerOff);
     std::io::Write::flush(serial.lock().unwrap().0.writer_mut()).unwrap();
     assert_eq!(std::fs::read_to_string(&log).unwrap(), "ok");
+}
+
+/// `jmp $`: spins until the VMM pauses it.
+const SPIN: &[u8] = &[0xeb, 0xfe];
+
+#[test]
+fn a_spinning_vcpu_pauses_saves_its_state_and_resumes() {
+    if !std::path::Path::new("/dev/kvm").exists() {
+        eprintln!("skipped: no /dev/kvm");
+        return;
+    }
+    let vm = Vm::new().expect("create VM");
+    let (mem, _file) = memory::create(64).expect("memory");
+    vm.register_memory(&mem).expect("memory slots");
+    mem.write_slice(SPIN, GuestAddress(LOAD_ADDR)).unwrap();
+    let vcpu = Vcpu::new(&vm, 0).expect("vCPU");
+    let mut sregs = vcpu.fd.get_sregs().unwrap();
+    sregs.cs.base = 0;
+    sregs.cs.selector = 0;
+    vcpu.fd.set_sregs(&sregs).unwrap();
+    let mut regs = vcpu.fd.get_regs().unwrap();
+    regs.rip = LOAD_ADDR;
+    regs.rflags = 2;
+    vcpu.fd.set_regs(&regs).unwrap();
+    let msrs = Arc::new(vm.kvm.get_msr_index_list().unwrap().as_slice().to_vec());
+    let (stop_tx, stop_rx) = channel();
+    let handle = vcpu
+        .spawn(
+            Arc::new(Bus::default()),
+            Arc::new(Bus::default()),
+            stop_tx,
+            msrs,
+        )
+        .unwrap();
+    for _ in 0..3 {
+        handle.pause().expect("pause");
+        let state = handle.save().expect("save");
+        assert_eq!(state.regs.rip, LOAD_ADDR, "parked on the spin loop");
+        assert!(!state.msrs.is_empty());
+        handle.resume().expect("resume");
+    }
+    assert!(
+        stop_rx.try_recv().is_err(),
+        "the vCPU never stopped on its own"
+    );
+    handle.pause().expect("pause");
 }

@@ -2,14 +2,19 @@
 //! devices on their buses, ACPI tables, the zero page and the vCPUs; then runs it until it stops.
 
 use std::fs::File;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{channel, Receiver, Sender};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use kvm_bindings::KVM_MAX_CPUID_ENTRIES;
 use kvm_ioctls::IoEventAddress;
 use linux_loader::loader::{bzimage::BzImage, load_cmdline, Cmdline, KernelLoader};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
+use vm_memory::{
+    Bytes, FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestRegionMmap,
+    MmapRegion,
+};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::acpi::{self, MmioDeviceInfo};
@@ -17,11 +22,13 @@ use super::arch::x86_64::{boot, regs};
 use super::devices::bus::{Bus, BusError};
 use super::devices::legacy::{AcpiSleep, I8042};
 use super::devices::serial::{ConsoleOutput, PanicWatch, SerialDevice};
-use super::devices::virtio::mmio::{MmioTransport, REG_QUEUE_NOTIFY};
-use super::devices::virtio::vsock::Vsock;
+use super::devices::virtio::mmio::{MmioTransport, MmioTransportState, REG_QUEUE_NOTIFY};
+use super::devices::virtio::vsock::{Vsock, VsockHandle};
 use super::layout::*;
+use super::persist::{CpuModel, MicrovmState, VsockDeviceState};
+use super::snapshot::{self, SnapshotError, SnapshotKind, SnapshotMeta};
 use super::vstate::memory::{self, GuestMemory, MemoryError};
-use super::vstate::vcpu::{Vcpu, VcpuError};
+use super::vstate::vcpu::{Vcpu, VcpuError, VcpuHandle};
 use super::vstate::vm::{Vm, VmError};
 use super::VmStop;
 
@@ -95,12 +102,31 @@ pub enum BuildError {
     Io(#[from] std::io::Error),
 }
 
-/// A built VM, ready to run.
+/// How to restore a snapshot.
+#[derive(Debug, Clone)]
+pub struct RestoreConfig {
+    pub snapshot_dir: PathBuf,
+    /// The new sandbox's vsock Unix socket (each clone gets its own).
+    pub vsock_uds: Option<PathBuf>,
+    pub console_log: Option<PathBuf>,
+}
+
+/// The vsock device as the VMM keeps it: the transport for snapshots, the handle for resets.
+struct VsockAttachment {
+    transport: Arc<Mutex<MmioTransport>>,
+    handle: VsockHandle,
+    guest_cid: u64,
+    base: u64,
+    irq: u32,
+}
+
+/// A built (or restored) VM, ready to run.
 pub struct Vmm {
-    // Kept alive for as long as the vCPUs run: KVM maps this memory and the devices use it.
-    _vm: Vm,
-    _mem: GuestMemory,
+    vm: Vm,
+    mem: GuestMemory,
+    // The file behind guest memory: the memfd of a booted VM, or the snapshot's memory file.
     _mem_file: File,
+    mem_mib: u64,
     vcpus: Vec<Vcpu>,
     io_bus: Arc<Bus>,
     mmio_bus: Arc<Bus>,
@@ -108,11 +134,106 @@ pub struct Vmm {
     stop_rx: Receiver<VmStop>,
     panic: PanicWatch,
     serial: Arc<Mutex<SerialDevice>>,
-    pub build_time: Duration,
+    vsock: Option<VsockAttachment>,
+    msr_indices: Arc<Vec<u32>>,
+    cpu: CpuModel,
+    /// Where the time went while building or restoring, in order.
+    pub timings: Vec<(&'static str, Duration)>,
 }
 
 fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> BuildError {
     move |source| BuildError::Kvm { what, source }
+}
+
+/// The serial console, the i8042 reset line and the ACPI sleep registers on a new I/O bus.
+fn legacy_devices(
+    vm: &Vm,
+    serial: SerialDevice,
+    serial_irq: &EventFd,
+    stop_tx: &Sender<VmStop>,
+) -> Result<(Bus, Arc<Mutex<SerialDevice>>), BuildError> {
+    vm.fd
+        .register_irqfd(serial_irq, SERIAL_IRQ)
+        .map_err(kvm_err("the serial interrupt"))?;
+    let serial = Arc::new(Mutex::new(serial));
+    let mut io_bus = Bus::default();
+    io_bus.insert(
+        u64::from(SERIAL_PORT),
+        u64::from(SERIAL_PORT_LEN),
+        serial.clone(),
+    )?;
+    io_bus.insert(
+        u64::from(I8042_PORT),
+        u64::from(I8042_PORT_LEN),
+        Arc::new(Mutex::new(I8042::new(stop_tx.clone()))),
+    )?;
+    io_bus.insert(
+        u64::from(ACPI_SLEEP_CONTROL_PORT),
+        2,
+        Arc::new(Mutex::new(AcpiSleep::new(stop_tx.clone()))),
+    )?;
+    Ok((io_bus, serial))
+}
+
+/// Puts a vsock device on the MMIO bus with its interrupt and queue notifiers; from a snapshot's
+/// transport state when one is given.
+fn attach_vsock(
+    vm: &Vm,
+    mem: &GuestMemory,
+    mmio_bus: &mut Bus,
+    device: Vsock,
+    info: MmioDeviceInfo,
+    state: Option<&MmioTransportState>,
+) -> Result<VsockAttachment, BuildError> {
+    let guest_cid = device.guest_cid();
+    let handle = device.handle();
+    let irqfd = EventFd::new(libc::EFD_NONBLOCK)?;
+    vm.fd
+        .register_irqfd(&irqfd, info.irq)
+        .map_err(kvm_err("a virtio interrupt"))?;
+    let transport = match state {
+        Some(state) => MmioTransport::restore(Box::new(device), mem.clone(), irqfd, state)?,
+        None => MmioTransport::new(Box::new(device), mem.clone(), irqfd)?,
+    };
+    for (index, event) in transport.queue_events().iter().enumerate() {
+        vm.fd
+            .register_ioevent(
+                event,
+                &IoEventAddress::Mmio(info.base + REG_QUEUE_NOTIFY),
+                index as u32,
+            )
+            .map_err(kvm_err("a virtio queue notifier"))?;
+    }
+    let transport = Arc::new(Mutex::new(transport));
+    mmio_bus.insert(info.base, info.len, transport.clone())?;
+    Ok(VsockAttachment {
+        transport,
+        handle,
+        guest_cid,
+        base: info.base,
+        irq: info.irq,
+    })
+}
+
+/// The MSRs KVM can save and restore on this host.
+fn msr_indices(vm: &Vm) -> Result<Arc<Vec<u32>>, BuildError> {
+    let list = vm
+        .kvm
+        .get_msr_index_list()
+        .map_err(kvm_err("the MSR index list"))?;
+    Ok(Arc::new(list.as_slice().to_vec()))
+}
+
+fn host_cpu(vm: &Vm) -> Result<CpuModel, BuildError> {
+    let cpuid = vm
+        .kvm
+        .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+        .map_err(kvm_err("the supported CPUID"))?;
+    Ok(CpuModel::from_cpuid(&cpuid))
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 impl Vmm {
@@ -186,60 +307,32 @@ impl Vmm {
             .as_bytes_with_nul()
             .len();
 
-        // Legacy devices on the I/O bus.
         let (stop_tx, stop_rx) = channel();
         let panic = PanicWatch::default();
         let serial_irq = EventFd::new(libc::EFD_NONBLOCK)?;
-        vm.fd
-            .register_irqfd(&serial_irq, SERIAL_IRQ)
-            .map_err(kvm_err("the serial interrupt"))?;
-        let serial = Arc::new(Mutex::new(SerialDevice::new(
-            serial_irq,
-            ConsoleOutput::new(console, panic.clone()),
-        )));
-        let mut io_bus = Bus::default();
-        io_bus.insert(
-            u64::from(SERIAL_PORT),
-            u64::from(SERIAL_PORT_LEN),
-            serial.clone(),
-        )?;
-        io_bus.insert(
-            u64::from(I8042_PORT),
-            u64::from(I8042_PORT_LEN),
-            Arc::new(Mutex::new(I8042::new(stop_tx.clone()))),
-        )?;
-        io_bus.insert(
-            u64::from(ACPI_SLEEP_CONTROL_PORT),
-            2,
-            Arc::new(Mutex::new(AcpiSleep::new(stop_tx.clone()))),
+        let (io_bus, serial) = legacy_devices(
+            &vm,
+            SerialDevice::new(
+                serial_irq.try_clone()?,
+                ConsoleOutput::new(console, panic.clone()),
+            ),
+            &serial_irq,
+            &stop_tx,
         )?;
 
         // Virtio devices on the MMIO bus.
         let mut mmio_bus = Bus::default();
         let mut mmio_devices = Vec::new();
+        let mut vsock_attachment = None;
         if let Some(vsock) = &cfg.vsock {
             let device = Vsock::new(vsock.guest_cid, vsock.uds_path.clone())
                 .map_err(|e| BuildError::Vsock(e.to_string()))?;
             let info = MmioDeviceInfo {
-                base: VIRTIO_MMIO_START + (mmio_devices.len() as u64) * VIRTIO_MMIO_SIZE,
+                base: VIRTIO_MMIO_START,
                 len: VIRTIO_MMIO_SIZE,
-                irq: VIRTIO_IRQ_BASE + mmio_devices.len() as u32,
+                irq: VIRTIO_IRQ_BASE,
             };
-            let irqfd = EventFd::new(libc::EFD_NONBLOCK)?;
-            vm.fd
-                .register_irqfd(&irqfd, info.irq)
-                .map_err(kvm_err("a virtio interrupt"))?;
-            let transport = MmioTransport::new(Box::new(device), mem.clone(), irqfd)?;
-            for (index, event) in transport.queue_events().iter().enumerate() {
-                vm.fd
-                    .register_ioevent(
-                        event,
-                        &IoEventAddress::Mmio(info.base + REG_QUEUE_NOTIFY),
-                        index as u32,
-                    )
-                    .map_err(kvm_err("a virtio queue notifier"))?;
-            }
-            mmio_bus.insert(info.base, info.len, Arc::new(Mutex::new(transport)))?;
+            vsock_attachment = Some(attach_vsock(&vm, &mem, &mut mmio_bus, device, info, None)?);
             mmio_devices.push(info);
         }
 
@@ -267,10 +360,13 @@ impl Vmm {
         }
         tracing::debug!(regions = mem.num_regions(), "guest memory ready");
 
+        let msr_indices = msr_indices(&vm)?;
+        let cpu = host_cpu(&vm)?;
         Ok(Vmm {
-            _vm: vm,
-            _mem: mem,
+            vm,
+            mem,
             _mem_file: mem_file,
+            mem_mib: cfg.mem_mib,
             vcpus,
             io_bus: Arc::new(io_bus),
             mmio_bus: Arc::new(mmio_bus),
@@ -278,27 +374,192 @@ impl Vmm {
             stop_rx,
             panic,
             serial,
-            build_time: started.elapsed(),
+            vsock: vsock_attachment,
+            msr_indices,
+            cpu,
+            timings: vec![("vm_built", started.elapsed())],
         })
     }
 
-    /// Starts the vCPUs; returns a handle to wait for the VM to stop.
+    /// Restores a snapshot into a new VM. Everything in the snapshot is checked before the VM is
+    /// created; guest memory is the snapshot's memory file mapped privately (copy-on-write), so
+    /// clones share the template's pages until they write them.
+    pub fn restore(cfg: &RestoreConfig) -> Result<Vmm, RestoreError> {
+        let started = Instant::now();
+        let mut timings = Vec::new();
+        let state = snapshot::read_state(&cfg.snapshot_dir)?;
+        let mem_size = state.mem_mib << 20;
+        let mem_file = snapshot::open_memory(&cfg.snapshot_dir, mem_size)?;
+        let console = match &cfg.console_log {
+            Some(path) => Some(File::create(path).map_err(|source| BuildError::ConsoleLog {
+                path: path.clone(),
+                source,
+            })?),
+            None => None,
+        };
+        // The vsock socket is claimed before any KVM work, so a path in use fails fast.
+        let vsock_device = match (&state.vsock, &cfg.vsock_uds) {
+            (Some(v), Some(uds)) => Some(
+                Vsock::new(v.guest_cid, uds.clone())
+                    .map_err(|e| BuildError::Vsock(e.to_string()))?,
+            ),
+            (Some(_), None) => return Err(RestoreError::NeedsVsock),
+            (None, _) => None,
+        };
+        timings.push(("state_read", started.elapsed()));
+
+        let vm = Vm::new().map_err(BuildError::from)?;
+        let host = host_cpu(&vm)?;
+        if host != state.cpu {
+            return Err(SnapshotError::CpuMismatch {
+                saved: state.cpu.to_string(),
+                host: host.to_string(),
+            }
+            .into());
+        }
+        timings.push(("vm_created", started.elapsed()));
+
+        let mem = map_private(&mem_file, mem_size)?;
+        vm.register_memory(&mem).map_err(BuildError::from)?;
+        timings.push(("memory_mapped", started.elapsed()));
+
+        let (stop_tx, stop_rx) = channel();
+        let panic = PanicWatch::default();
+        let serial_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(BuildError::from)?;
+        let serial = SerialDevice::restore(
+            serial_irq.try_clone().map_err(BuildError::from)?,
+            ConsoleOutput::new(console, panic.clone()),
+            &state.serial,
+        )
+        .map_err(BuildError::from)?;
+        let (io_bus, serial) = legacy_devices(&vm, serial, &serial_irq, &stop_tx)?;
+
+        let mut vcpus = Vec::new();
+        for vcpu_state in &state.vcpus {
+            vcpus.push(Vcpu::new(&vm, vcpu_state.id).map_err(BuildError::from)?);
+        }
+        vm.restore_state(&state.vm).map_err(BuildError::from)?;
+        for (vcpu, vcpu_state) in vcpus.iter().zip(&state.vcpus) {
+            vcpu.restore_state(vcpu_state).map_err(BuildError::from)?;
+        }
+        let mut mmio_bus = Bus::default();
+        let vsock = match (vsock_device, &state.vsock) {
+            (Some(device), Some(saved)) => {
+                let info = MmioDeviceInfo {
+                    base: saved.mmio_base,
+                    len: VIRTIO_MMIO_SIZE,
+                    irq: saved.irq,
+                };
+                let attachment = attach_vsock(
+                    &vm,
+                    &mem,
+                    &mut mmio_bus,
+                    device,
+                    info,
+                    Some(&saved.transport),
+                )?;
+                {
+                    let mut transport = lock(&attachment.transport);
+                    transport.resume_device();
+                }
+                // The guest's connections pointed at the template's host sockets: reset them; its
+                // listeners (envd) survive.
+                attachment
+                    .handle
+                    .transport_reset()
+                    .map_err(|e| BuildError::Vsock(e.to_string()))?;
+                Some(attachment)
+            }
+            _ => None,
+        };
+        timings.push(("state_set", started.elapsed()));
+        let msr_indices = msr_indices(&vm)?;
+        Ok(Vmm {
+            vm,
+            mem,
+            _mem_file: mem_file,
+            mem_mib: state.mem_mib,
+            vcpus,
+            io_bus: Arc::new(io_bus),
+            mmio_bus: Arc::new(mmio_bus),
+            stop_tx,
+            stop_rx,
+            panic,
+            serial,
+            vsock,
+            msr_indices,
+            cpu: host,
+            timings,
+        })
+    }
+
+    /// Starts the vCPUs.
     pub fn start(self) -> Result<RunningVm, BuildError> {
+        let mut handles = Vec::new();
         for vcpu in self.vcpus {
-            vcpu.spawn(
+            handles.push(vcpu.spawn(
                 self.io_bus.clone(),
                 self.mmio_bus.clone(),
                 self.stop_tx.clone(),
-            )?;
+                self.msr_indices.clone(),
+            )?);
         }
         Ok(RunningVm {
-            _vm: self._vm,
-            _mem: self._mem,
+            vm: self.vm,
+            mem: self.mem,
             _mem_file: self._mem_file,
-            stop_rx: self.stop_rx,
+            mem_mib: self.mem_mib,
+            vcpus: Mutex::new(VcpuSet {
+                handles,
+                paused: false,
+            }),
+            stop_rx: Mutex::new(self.stop_rx),
             panic: self.panic,
             serial: self.serial,
+            vsock: self.vsock,
+            cpu: self.cpu,
+            received_instance_init: AtomicBool::new(false),
         })
+    }
+}
+
+/// Maps a snapshot's memory file privately: reads come from the file (and the page cache shared
+/// by every clone of the template), writes go to this process's own copies.
+fn map_private(file: &File, size: u64) -> Result<GuestMemory, RestoreError> {
+    let mut regions = Vec::new();
+    let mut offset = 0u64;
+    for (addr, len) in memory::ram_ranges(size) {
+        let fd = file.try_clone().map_err(BuildError::from)?;
+        let region = MmapRegion::build(
+            Some(FileOffset::new(fd, offset)),
+            len as usize,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_NORESERVE | libc::MAP_PRIVATE,
+        )
+        .map_err(|e| RestoreError::Map(e.to_string()))?;
+        let region = GuestRegionMmap::new(region, addr)
+            .ok_or_else(|| RestoreError::Map("region address overflow".into()))?;
+        regions.push(region);
+        offset += len;
+    }
+    GuestMemoryMmap::from_regions(regions).map_err(|e| RestoreError::Map(e.to_string()))
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RestoreError {
+    #[error(transparent)]
+    Snapshot(#[from] SnapshotError),
+    #[error(transparent)]
+    Build(#[from] BuildError),
+    #[error("the snapshot has a vsock device: give the new sandbox a vsock socket path")]
+    NeedsVsock,
+    #[error("cannot map the snapshot's memory: {0}")]
+    Map(String),
+}
+
+impl From<VcpuError> for RestoreError {
+    fn from(e: VcpuError) -> Self {
+        RestoreError::Build(BuildError::Vcpu(e))
     }
 }
 
@@ -317,32 +578,178 @@ pub enum RunError {
     Failed(String),
 }
 
+/// Operations on a running VM that conflict with its state, or fail.
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    #[error("the VM is already paused")]
+    AlreadyPaused,
+    #[error("the VM is not paused (pause it before taking a snapshot)")]
+    NotPaused,
+    #[error("refusing a template snapshot: this sandbox has received instance env or a token (/init was applied); a template must be snapshotted before any instance /init")]
+    InstanceInitialized,
+    #[error(transparent)]
+    Vcpu(#[from] VcpuError),
+    #[error(transparent)]
+    Vm(#[from] VmError),
+    #[error(transparent)]
+    Snapshot(#[from] SnapshotError),
+}
+
+struct VcpuSet {
+    handles: Vec<VcpuHandle>,
+    paused: bool,
+}
+
+/// What a snapshot wrote.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct SnapshotReport {
+    pub dir: PathBuf,
+    pub memory_bytes_written: u64,
+    pub took_ms: u64,
+}
+
 pub struct RunningVm {
-    _vm: Vm,
-    _mem: GuestMemory,
+    vm: Vm,
+    mem: GuestMemory,
     _mem_file: File,
-    stop_rx: Receiver<VmStop>,
+    mem_mib: u64,
+    vcpus: Mutex<VcpuSet>,
+    stop_rx: Mutex<Receiver<VmStop>>,
     panic: PanicWatch,
     serial: Arc<Mutex<SerialDevice>>,
+    vsock: Option<VsockAttachment>,
+    cpu: CpuModel,
+    received_instance_init: AtomicBool,
 }
 
 impl RunningVm {
     /// Waits until the guest stops the VM (or a vCPU fails).
     pub fn wait(&self) -> Result<GuestExit, RunError> {
-        let stop = self
-            .stop_rx
+        let stop = lock(&self.stop_rx)
             .recv()
             .unwrap_or_else(|_| VmStop::Failed("every vCPU thread ended".into()));
         {
-            let mut serial = self.serial.lock().unwrap_or_else(|e| e.into_inner());
+            let mut serial = lock(&self.serial);
             let _ = std::io::Write::flush(serial.0.writer_mut());
         }
-        let panic = self.panic.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let panic = lock(&self.panic).clone();
         match (stop, panic) {
             (_, Some(line)) => Err(RunError::GuestPanic(line)),
             (VmStop::PowerOff, None) => Ok(GuestExit::PowerOff),
             (VmStop::Reset, None) => Ok(GuestExit::Reset),
             (VmStop::Failed(msg), None) => Err(RunError::Failed(msg)),
         }
+    }
+
+    /// Records that this host-agent delivered instance env or a token to the sandbox, which
+    /// rules out template snapshots of it.
+    pub fn mark_instance_initialized(&self) {
+        self.received_instance_init.store(true, Ordering::SeqCst);
+    }
+
+    pub fn instance_initialized(&self) -> bool {
+        self.received_instance_init.load(Ordering::SeqCst)
+    }
+
+    pub fn is_paused(&self) -> bool {
+        lock(&self.vcpus).paused
+    }
+
+    pub fn pause(&self) -> Result<(), ControlError> {
+        let mut vcpus = lock(&self.vcpus);
+        if vcpus.paused {
+            return Err(ControlError::AlreadyPaused);
+        }
+        for h in &vcpus.handles {
+            h.pause()?;
+        }
+        vcpus.paused = true;
+        Ok(())
+    }
+
+    pub fn resume(&self) -> Result<(), ControlError> {
+        let mut vcpus = lock(&self.vcpus);
+        if !vcpus.paused {
+            return Err(ControlError::NotPaused);
+        }
+        for h in &vcpus.handles {
+            h.resume()?;
+        }
+        vcpus.paused = false;
+        Ok(())
+    }
+
+    /// Snapshots the paused VM into `dir` (created if needed). Device processing is stopped while
+    /// state and memory are written; host vsock connections are reset afterwards.
+    pub fn snapshot(&self, dir: &Path, kind: SnapshotKind) -> Result<SnapshotReport, ControlError> {
+        let started = Instant::now();
+        let vcpus = lock(&self.vcpus);
+        if !vcpus.paused {
+            return Err(ControlError::NotPaused);
+        }
+        if kind == SnapshotKind::Template && self.instance_initialized() {
+            return Err(ControlError::InstanceInitialized);
+        }
+        std::fs::create_dir_all(dir).map_err(|source| SnapshotError::Write {
+            path: dir.to_path_buf(),
+            source,
+        })?;
+        let vsock_transport = self.vsock.as_ref().map(|v| lock(&v.transport));
+        let result = (|| {
+            let mut transport = vsock_transport;
+            if let Some(t) = transport.as_mut() {
+                t.quiesce();
+            }
+            let mut vcpu_states = Vec::new();
+            for h in &vcpus.handles {
+                vcpu_states.push(h.save()?);
+            }
+            let state = MicrovmState {
+                kind,
+                cpu: self.cpu.clone(),
+                mem_mib: self.mem_mib,
+                vm: self.vm.save_state()?,
+                vcpus: vcpu_states,
+                serial: lock(&self.serial).save_state(),
+                vsock: match (&self.vsock, &transport) {
+                    (Some(v), Some(t)) => Some(VsockDeviceState {
+                        guest_cid: v.guest_cid,
+                        mmio_base: v.base,
+                        irq: v.irq,
+                        transport: t.save_state(),
+                    }),
+                    _ => None,
+                },
+            };
+            let written = snapshot::write_memory(&self.mem, &dir.join(snapshot::MEMORY_FILE))?;
+            snapshot::write_state(dir, &state)?;
+            snapshot::write_meta(
+                dir,
+                &SnapshotMeta {
+                    format_version: snapshot::FORMAT_VERSION,
+                    kind,
+                    mem_mib: self.mem_mib,
+                    vcpus: state.vcpus.len(),
+                    created_unix: SystemTime::now()
+                        .duration_since(UNIX_EPOCH)
+                        .map_or(0, |d| d.as_secs()),
+                    host_agent_version: env!("CARGO_PKG_VERSION").to_string(),
+                },
+            )?;
+            if let Some(t) = transport.as_mut() {
+                t.resume_device();
+            }
+            Ok::<_, ControlError>(written)
+        })();
+        if let Some(v) = &self.vsock {
+            // Host connections were dropped when the device stopped; tell the guest.
+            let _ = v.handle.transport_reset();
+        }
+        let written = result?;
+        Ok(SnapshotReport {
+            dir: dir.to_path_buf(),
+            memory_bytes_written: written,
+            took_ms: started.elapsed().as_millis() as u64,
+        })
     }
 }

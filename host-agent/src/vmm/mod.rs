@@ -9,6 +9,8 @@ pub mod arch;
 pub mod builder;
 pub mod devices;
 pub mod layout;
+pub mod persist;
+pub mod snapshot;
 pub mod vstate;
 
 /// Why the VM stopped.

@@ -1,8 +1,12 @@
 //! The KVM VM: created with an in-kernel irqchip (PIC, IOAPIC, LAPICs) and PIT, and guest memory
 //! registered as memory slots.
 
-use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, KVM_PIT_SPEAKER_DUMMY};
+use kvm_bindings::{
+    kvm_clock_data, kvm_irqchip, kvm_pit_config, kvm_pit_state2, kvm_userspace_memory_region,
+    KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE, KVM_PIT_SPEAKER_DUMMY,
+};
 use kvm_ioctls::{Kvm, VmFd};
+use serde::{Deserialize, Serialize};
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 
 use super::memory::GuestMemory;
@@ -21,6 +25,16 @@ pub enum VmError {
         what: &'static str,
         source: kvm_ioctls::Error,
     },
+}
+
+/// The VM-wide KVM state a snapshot carries: the interrupt controllers, the PIT and kvmclock.
+#[derive(Serialize, Deserialize)]
+pub struct VmState {
+    pub pic_master: kvm_irqchip,
+    pub pic_slave: kvm_irqchip,
+    pub ioapic: kvm_irqchip,
+    pub pit: kvm_pit_state2,
+    pub clock: kvm_clock_data,
 }
 
 pub struct Vm {
@@ -47,6 +61,47 @@ impl Vm {
         };
         fd.create_pit2(pit).map_err(setup("the PIT"))?;
         Ok(Vm { kvm, fd })
+    }
+
+    pub fn save_state(&self) -> Result<VmState, VmError> {
+        let setup = |what| move |source| VmError::Setup { what, source };
+        let chip = |id| {
+            let mut c = kvm_irqchip {
+                chip_id: id,
+                ..Default::default()
+            };
+            self.fd
+                .get_irqchip(&mut c)
+                .map(|()| c)
+                .map_err(setup("read the irqchip"))
+        };
+        Ok(VmState {
+            pic_master: chip(KVM_IRQCHIP_PIC_MASTER)?,
+            pic_slave: chip(KVM_IRQCHIP_PIC_SLAVE)?,
+            ioapic: chip(KVM_IRQCHIP_IOAPIC)?,
+            pit: self.fd.get_pit2().map_err(setup("read the PIT"))?,
+            clock: self.fd.get_clock().map_err(setup("read kvmclock"))?,
+        })
+    }
+
+    /// Sets the saved VM state: PIT, kvmclock (its flags are only meaningful on the source, KVM
+    /// refuses them on set), then the PICs and the IOAPIC.
+    pub fn restore_state(&self, state: &VmState) -> Result<(), VmError> {
+        let setup = |what| move |source| VmError::Setup { what, source };
+        self.fd
+            .set_pit2(&state.pit)
+            .map_err(setup("restore the PIT"))?;
+        let mut clock = state.clock;
+        clock.flags = 0;
+        self.fd
+            .set_clock(&clock)
+            .map_err(setup("restore kvmclock"))?;
+        for chip in [&state.pic_master, &state.pic_slave, &state.ioapic] {
+            self.fd
+                .set_irqchip(chip)
+                .map_err(setup("restore the irqchip"))?;
+        }
+        Ok(())
     }
 
     /// Registers every region of `mem` as a KVM memory slot.

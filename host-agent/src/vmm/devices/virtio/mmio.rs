@@ -274,6 +274,77 @@ impl MmioTransport {
         }
     }
 
+    /// Stops the device's processing for a snapshot; the live queue positions come back into the
+    /// transport so that `save_state` records them. `resume_device` starts it again.
+    pub fn quiesce(&mut self) {
+        if !self.activated {
+            return;
+        }
+        match self.device.quiesce() {
+            Some(queues) => {
+                self.queues = queues;
+                self.activated = false;
+            }
+            None => tracing::warn!("virtio-mmio: device could not be quiesced"),
+        }
+    }
+
+    /// Activates the device again after `quiesce` (or after a restore) if the driver had set it up.
+    pub fn resume_device(&mut self) {
+        if !self.activated && self.driver_ok() {
+            self.activate();
+        }
+    }
+
+    pub fn save_state(&self) -> MmioTransportState {
+        MmioTransportState {
+            status: self.status,
+            features_select: self.features_select,
+            acked_features_select: self.acked_features_select,
+            acked_features: self.acked_features,
+            queue_select: self.queue_select,
+            config_generation: self.config_generation,
+            interrupt_status: self.interrupt.status.load(Ordering::SeqCst),
+            queues: self.queues.iter().map(QueueState::of).collect(),
+        }
+    }
+
+    /// A transport in the saved state; call `resume_device` to start the device.
+    pub fn restore(
+        device: Box<dyn VirtioDevice>,
+        mem: GuestMemory,
+        irqfd: EventFd,
+        state: &MmioTransportState,
+    ) -> io::Result<MmioTransport> {
+        let mut t = MmioTransport::new(device, mem, irqfd)?;
+        if state.queues.len() != t.queues.len() {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!(
+                    "snapshot has {} queues for a device with {}",
+                    state.queues.len(),
+                    t.queues.len()
+                ),
+            ));
+        }
+        for (q, saved) in t.queues.iter_mut().zip(&state.queues) {
+            saved.apply(q);
+        }
+        t.status = state.status;
+        t.features_select = state.features_select;
+        t.acked_features_select = state.acked_features_select;
+        t.acked_features = state.acked_features;
+        t.queue_select = state.queue_select;
+        t.config_generation = state.config_generation;
+        t.interrupt
+            .status
+            .store(state.interrupt_status, Ordering::SeqCst);
+        if state.status & STATUS_FEATURES_OK != 0 {
+            t.device.set_acked_features(state.acked_features);
+        }
+        Ok(t)
+    }
+
     /// The driver-visible status (for tests and snapshots).
     pub fn status(&self) -> u32 {
         self.status
@@ -290,22 +361,70 @@ impl MmioTransport {
     }
 }
 
+/// A queue's configuration and positions, as saved in a snapshot.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct QueueState {
+    pub max_size: u16,
+    pub size: u16,
+    pub ready: bool,
+    pub desc_table: u64,
+    pub avail_ring: u64,
+    pub used_ring: u64,
+    pub next_avail: u16,
+    pub next_used: u16,
+    pub event_idx: bool,
+}
+
+impl QueueState {
+    pub fn of(q: &Queue) -> QueueState {
+        QueueState {
+            max_size: q.max_size(),
+            size: q.size(),
+            ready: q.ready(),
+            desc_table: q.desc_table(),
+            avail_ring: q.avail_ring(),
+            used_ring: q.used_ring(),
+            next_avail: q.next_avail(),
+            next_used: q.next_used(),
+            event_idx: q.event_idx_enabled(),
+        }
+    }
+
+    /// Configures `q` (created with the same max size) like the saved queue.
+    pub fn apply(&self, q: &mut Queue) {
+        q.set_size(self.size);
+        let split = |addr: u64| (Some(addr as u32), Some((addr >> 32) as u32));
+        let (lo, hi) = split(self.desc_table);
+        q.set_desc_table_address(lo, hi);
+        let (lo, hi) = split(self.avail_ring);
+        q.set_avail_ring_address(lo, hi);
+        let (lo, hi) = split(self.used_ring);
+        q.set_used_ring_address(lo, hi);
+        q.set_next_avail(self.next_avail);
+        q.set_next_used(self.next_used);
+        q.set_event_idx(self.event_idx);
+        q.set_ready(self.ready);
+    }
+}
+
+/// The transport's registers and queues, as saved in a snapshot.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct MmioTransportState {
+    pub status: u32,
+    pub features_select: u32,
+    pub acked_features_select: u32,
+    pub acked_features: u64,
+    pub queue_select: u32,
+    pub config_generation: u32,
+    pub interrupt_status: u32,
+    pub queues: Vec<QueueState>,
+}
+
 /// A queue with the same configuration (the device gets its own; `Queue` is not `Clone`).
 fn copy_queue(q: &Queue) -> io::Result<Queue> {
     let mut copy =
         Queue::new(q.max_size()).map_err(|e| io::Error::other(format!("queue: {e:?}")))?;
-    copy.set_size(q.size());
-    let split = |addr: u64| (Some(addr as u32), Some((addr >> 32) as u32));
-    let (lo, hi) = split(q.desc_table());
-    copy.set_desc_table_address(lo, hi);
-    let (lo, hi) = split(q.avail_ring());
-    copy.set_avail_ring_address(lo, hi);
-    let (lo, hi) = split(q.used_ring());
-    copy.set_used_ring_address(lo, hi);
-    copy.set_next_avail(q.next_avail());
-    copy.set_next_used(q.next_used());
-    copy.set_event_idx(q.event_idx_enabled());
-    copy.set_ready(q.ready());
+    QueueState::of(q).apply(&mut copy);
     Ok(copy)
 }
 
@@ -472,6 +591,24 @@ mod tests {
         // A kick that reaches the transport (no ioeventfd) still signals the queue's event.
         wr(&mut t, REG_QUEUE_NOTIFY, 1);
         assert_eq!(t.queue_events()[1].read().unwrap(), 1);
+
+        // Saved state restores into an identical transport.
+        let saved = t.save_state();
+        let mem2: GuestMemory =
+            GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+        let seen2 = Arc::new(Mutex::new(Seen::default()));
+        let mut restored = MmioTransport::restore(
+            Box::new(FakeDevice(seen2.clone())),
+            mem2,
+            EventFd::new(libc::EFD_NONBLOCK).unwrap(),
+            &saved,
+        )
+        .unwrap();
+        assert_eq!(restored.save_state(), saved);
+        assert_eq!(saved.queues[1].desc_table, 0x4000);
+        restored.resume_device();
+        assert!(restored.is_activated());
+        assert_eq!(seen2.lock().unwrap().activated, 1);
 
         wr(&mut t, 0x70, 0);
         assert_eq!(seen.lock().unwrap().resets, 1);

@@ -61,4 +61,10 @@ pub trait VirtioDevice: Send {
     /// Stops the device's work and returns it to the state before activation. Returns false when
     /// the device cannot be reset (the transport then marks it as needing a reset).
     fn reset(&mut self) -> bool;
+    /// Stops processing (for a snapshot) and hands back the queues with their live positions; the
+    /// transport activates the device again with them to go on. `None` when the device was not
+    /// active or cannot stop.
+    fn quiesce(&mut self) -> Option<Vec<virtio_queue::Queue>> {
+        None
+    }
 }

@@ -38,12 +38,14 @@ pub struct Vsock {
     muxer: Option<Muxer>,
     worker: Option<WorkerHandle>,
     reset_evt: Arc<EventFd>,
+    /// The queues as the last worker left them (live positions, for a snapshot).
+    stopped_queues: Option<Vec<Queue>>,
 }
 
 struct WorkerHandle {
     stop: EventFd,
-    /// Gives the muxer back when the worker ends.
-    thread: JoinHandle<Option<Muxer>>,
+    /// Gives the muxer and the queues back when the worker ends.
+    thread: JoinHandle<Option<(Muxer, Vec<Queue>)>>,
 }
 
 /// Asks a running vsock device to reset its transport (see [`VsockHandle::transport_reset`]).
@@ -79,6 +81,7 @@ impl Vsock {
             muxer: Some(muxer),
             worker: None,
             reset_evt: Arc::new(EventFd::new(EFD_NONBLOCK)?),
+            stopped_queues: None,
         })
     }
 
@@ -108,9 +111,10 @@ impl Vsock {
             return false;
         }
         match worker.thread.join() {
-            Ok(Some(mut muxer)) => {
+            Ok(Some((mut muxer, queues))) => {
                 muxer.reset_connections();
                 self.muxer = Some(muxer);
+                self.stopped_queues = Some(queues);
                 true
             }
             Ok(None) => {
@@ -220,7 +224,16 @@ impl VirtioDevice for Vsock {
 
     fn reset(&mut self) -> bool {
         self.acked_features = 0;
-        self.stop_worker()
+        let stopped = self.stop_worker();
+        self.stopped_queues = None;
+        stopped
+    }
+
+    fn quiesce(&mut self) -> Option<Vec<Queue>> {
+        if self.worker.is_none() || !self.stop_worker() {
+            return None;
+        }
+        self.stopped_queues.take()
     }
 }
 
@@ -283,8 +296,9 @@ impl Worker {
         Ok(epoll)
     }
 
-    /// The event loop; returns the muxer when asked to stop (or on a fatal epoll error).
-    fn run(mut self) -> Muxer {
+    /// The event loop; returns the muxer and the queues (with their live positions) when asked to
+    /// stop (or on a fatal epoll error).
+    fn run(mut self) -> (Muxer, Vec<Queue>) {
         // The guest may have queued buffers before the kick we would wait for.
         self.process_queues();
         let mut events = [EpollEvent::default(); 16];
@@ -294,12 +308,12 @@ impl Worker {
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => {
                     tracing::error!("vsock: epoll_wait failed, stopping the device: {e}");
-                    return self.muxer;
+                    return (self.muxer, self.queues);
                 }
             };
             for ev in &events[..n] {
                 match ev.data() {
-                    TOKEN_STOP => return self.muxer,
+                    TOKEN_STOP => return (self.muxer, self.queues),
                     TOKEN_RXQ => drain(&self.queue_events[RXQ]),
                     TOKEN_TXQ => drain(&self.queue_events[TXQ]),
                     TOKEN_EVQ => drain(&self.queue_events[EVQ]),

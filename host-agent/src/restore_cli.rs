@@ -1,0 +1,226 @@
+//! `host-agent restore`: start a sandbox from a snapshot: restore the VM, wait for envd, deliver the
+//! instance `/init` (env, token, defaults, and a timestamp that steps the guest clock), optionally
+//! run a first command, print the timing breakdown, then serve until the guest powers off.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use anyhow::{bail, Context};
+use clap::Args;
+use envd_protocol::pb::{self, process_event::Event};
+use envd_protocol::{Address, Client};
+use host_agent::vmm::builder::{GuestExit, RestoreConfig, Vmm};
+
+use crate::control;
+
+#[derive(Args, Debug)]
+pub struct RestoreArgs {
+    /// The snapshot directory (state, memory).
+    #[arg(long)]
+    snapshot: PathBuf,
+    /// This sandbox's vsock Unix socket.
+    #[arg(long)]
+    vsock_uds: PathBuf,
+    #[arg(long)]
+    console_log: Option<PathBuf>,
+    /// Serve pause/resume/snapshot on this Unix socket.
+    #[arg(long)]
+    control_sock: Option<PathBuf>,
+    /// Instance env for /init.
+    #[arg(long = "env", value_parser = parse_key_value)]
+    env: Vec<(String, String)>,
+    #[arg(long, env = "ENVD_NEW_ACCESS_TOKEN", hide_env_values = true)]
+    access_token: Option<String>,
+    #[arg(long)]
+    default_user: Option<String>,
+    #[arg(long)]
+    default_workdir: Option<String>,
+    #[arg(long, default_value_t = envd_protocol::DEFAULT_VSOCK_PORT)]
+    envd_port: u32,
+    /// Give up when envd has not answered (and taken /init) this long after the restore began.
+    #[arg(long, default_value_t = 60_000)]
+    envd_timeout_ms: u64,
+    /// Write the timing breakdown here as JSON.
+    #[arg(long)]
+    timings_json: Option<PathBuf>,
+    /// A first command to run once /init is done (its output is printed, its time measured).
+    #[arg(last = true)]
+    first_exec: Vec<String>,
+}
+
+fn parse_key_value(s: &str) -> Result<(String, String), String> {
+    s.split_once('=')
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .ok_or_else(|| format!("expected KEY=VALUE, got {s:?}"))
+}
+
+pub fn run(args: RestoreArgs) -> anyhow::Result<i32> {
+    let started = Instant::now();
+    let vmm = Vmm::restore(&RestoreConfig {
+        snapshot_dir: args.snapshot.clone(),
+        vsock_uds: Some(args.vsock_uds.clone()),
+        console_log: args.console_log.clone(),
+    })?;
+    let mut timings: Vec<(String, f64)> = vmm
+        .timings
+        .iter()
+        .map(|(k, d)| (k.to_string(), d.as_secs_f64() * 1000.0))
+        .collect();
+    let vm = Arc::new(vmm.start()?);
+    let mark = |timings: &mut Vec<(String, f64)>, name: &str| {
+        timings.push((name.to_string(), started.elapsed().as_secs_f64() * 1000.0));
+    };
+    mark(&mut timings, "vcpus_running");
+
+    let addr = Address::HybridVsock {
+        uds: args.vsock_uds.clone(),
+        port: args.envd_port,
+    };
+    if let Some(path) = &args.control_sock {
+        control::serve(path, vm.clone(), Some(addr.clone()))?;
+    }
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let deadline = Duration::from_millis(args.envd_timeout_ms);
+    let instance_init = !args.env.is_empty() || args.access_token.is_some();
+    let first_exec = runtime.block_on(async {
+        let client = Client::connect_when_ready(&addr, Duration::from_secs(1), deadline)
+            .await
+            .context("envd did not come back after the restore")?;
+        mark(&mut timings, "envd_reachable");
+        let request = pb::InitRequest {
+            env: args.env.iter().cloned().collect::<HashMap<_, _>>(),
+            unset: vec![],
+            // One timestamp for every retry of this init episode.
+            timestamp: Some(prost_types::Timestamp::from(SystemTime::now())),
+            access_token: args.access_token.clone(),
+            default_user: args.default_user.clone(),
+            default_workdir: args.default_workdir.clone(),
+        };
+        let client = send_init(client, &addr, request, started, deadline).await?;
+        if instance_init {
+            vm.mark_instance_initialized();
+        }
+        mark(&mut timings, "init_done");
+        let mut client = client;
+        if let Some(token) = &args.access_token {
+            client.set_token(token.clone());
+        }
+        if args.first_exec.is_empty() {
+            return anyhow::Ok(None);
+        }
+        let status = first_exec(&client, &args.first_exec, started, &mut timings).await?;
+        anyhow::Ok(Some(status))
+    })?;
+
+    let line: Vec<String> = timings
+        .iter()
+        .map(|(k, ms)| format!("{k} {ms:.1}"))
+        .collect();
+    eprintln!(
+        "host-agent: restore timings (ms since start): {}",
+        line.join(", ")
+    );
+    if let Some(at) = timings.iter().find(|(k, _)| k == "first_exec_output") {
+        eprintln!("restore_to_first_exec_ms: {:.1}", at.1);
+    }
+    if let Some(path) = &args.timings_json {
+        let map: serde_json::Map<String, serde_json::Value> = timings
+            .iter()
+            .map(|(k, v)| (k.clone(), serde_json::json!(v)))
+            .collect();
+        std::fs::write(path, serde_json::to_string_pretty(&map)?)
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
+    if let Some(status) = first_exec {
+        eprintln!("host-agent: first command exited with {status}");
+    }
+    eprintln!("host-agent: sandbox ready");
+
+    match vm.wait() {
+        Ok(GuestExit::PowerOff) => {
+            eprintln!("host-agent: guest powered off");
+            Ok(0)
+        }
+        Ok(GuestExit::Reset) => {
+            eprintln!("host-agent: guest reset the VM; stopping");
+            Ok(0)
+        }
+        Err(e) => bail!(e),
+    }
+}
+
+/// Sends /init, reconnecting and retrying with the same request (same timestamp) until it is
+/// answered or the deadline passes.
+async fn send_init(
+    mut client: Client,
+    addr: &Address,
+    request: pb::InitRequest,
+    started: Instant,
+    deadline: Duration,
+) -> anyhow::Result<Client> {
+    loop {
+        match client.init(request.clone()).await {
+            Ok(_) => return Ok(client),
+            Err(e) if e.code().is_some() => return Err(e).context("envd refused /init"),
+            Err(e) => {
+                let left = deadline.saturating_sub(started.elapsed());
+                if left.is_zero() {
+                    return Err(e).context("/init was not answered before the deadline");
+                }
+                tracing::debug!(error = %e, "retrying /init");
+                client = Client::connect_when_ready(addr, Duration::from_secs(1), left).await?;
+            }
+        }
+    }
+}
+
+async fn first_exec(
+    client: &Client,
+    argv: &[String],
+    started: Instant,
+    timings: &mut Vec<(String, f64)>,
+) -> anyhow::Result<i32> {
+    let mut process = client
+        .start(pb::StartRequest {
+            cmd: argv[0].clone(),
+            args: argv[1..].to_vec(),
+            ..Default::default()
+        })
+        .await?;
+    let mut first_output = true;
+    while let Some(event) = process.next_event().await {
+        match event?.event {
+            Some(Event::Data(d)) => {
+                if first_output {
+                    timings.push((
+                        "first_exec_output".into(),
+                        started.elapsed().as_secs_f64() * 1000.0,
+                    ));
+                    first_output = false;
+                }
+                if let Some(pb::data::Output::Stdout(b) | pb::data::Output::Stderr(b)) = d.output {
+                    print!("{}", String::from_utf8_lossy(&b));
+                }
+            }
+            Some(Event::End(end)) => {
+                if first_output {
+                    timings.push((
+                        "first_exec_output".into(),
+                        started.elapsed().as_secs_f64() * 1000.0,
+                    ));
+                }
+                timings.push((
+                    "first_exec_end".into(),
+                    started.elapsed().as_secs_f64() * 1000.0,
+                ));
+                return envd_protocol::client::end_status(&end).context("end without status");
+            }
+            _ => {}
+        }
+    }
+    bail!("connection closed before the first command ended")
+}
