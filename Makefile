@@ -34,7 +34,7 @@ e2e: deps
 test: deps lint unit e2e
 
 demo: deps static
-	@scripts/demo.sh $(STATIC_DIR)
+	@scripts/demo.sh
 
 bench: deps
 	$(CARGO) build --release -p guest-envd
