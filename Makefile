@@ -36,10 +36,8 @@ test: deps lint unit e2e
 demo: deps static
 	@scripts/demo.sh
 
-bench: deps
-	$(CARGO) build --release -p guest-envd
-	$(CARGO) bench -p envd-benches --bench envd
-	$(CARGO) run -q --release -p envd-benches --bin bench-report
+bench: deps static
+	@scripts/bench.sh
 
 # Fuzz the frame and message decoders (cargo fuzz needs nightly features: RUSTC_BOOTSTRAP on stable).
 FUZZ_SECONDS ?= 120

@@ -92,11 +92,7 @@ enum EnvdCommand {
     },
 }
 
-fn parse_key_value(s: &str) -> Result<(String, String), String> {
-    s.split_once('=')
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .ok_or_else(|| format!("expected KEY=VALUE, got {s:?}"))
-}
+use crate::cli_util::parse_key_value;
 
 fn selector(pid: Option<u32>, tag: Option<String>) -> pb::ProcessSelector {
     match (pid, tag) {

@@ -1,6 +1,7 @@
 //! host-agent: the host side of envd-rs: `run` boots a VM in our KVM VMM, `envd` talks to the envd
 //! inside.
 
+mod cli_util;
 mod control;
 mod ctl_cli;
 mod envd_cli;

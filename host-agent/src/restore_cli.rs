@@ -11,7 +11,7 @@ use anyhow::{bail, Context};
 use clap::Args;
 use envd_protocol::pb::{self, process_event::Event};
 use envd_protocol::{Address, Client};
-use host_agent::vmm::builder::{GuestExit, RestoreConfig, Vmm};
+use host_agent::vmm::builder::{RestoreConfig, Vmm};
 
 use crate::control;
 
@@ -50,11 +50,7 @@ pub struct RestoreArgs {
     first_exec: Vec<String>,
 }
 
-fn parse_key_value(s: &str) -> Result<(String, String), String> {
-    s.split_once('=')
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .ok_or_else(|| format!("expected KEY=VALUE, got {s:?}"))
-}
+use crate::cli_util::parse_key_value;
 
 pub fn run(args: RestoreArgs) -> anyhow::Result<i32> {
     let started = Instant::now();
@@ -140,17 +136,7 @@ pub fn run(args: RestoreArgs) -> anyhow::Result<i32> {
     }
     eprintln!("host-agent: sandbox ready");
 
-    match vm.wait() {
-        Ok(GuestExit::PowerOff) => {
-            eprintln!("host-agent: guest powered off");
-            Ok(0)
-        }
-        Ok(GuestExit::Reset) => {
-            eprintln!("host-agent: guest reset the VM; stopping");
-            Ok(0)
-        }
-        Err(e) => bail!(e),
-    }
+    crate::cli_util::wait_for_exit(&vm)
 }
 
 /// Sends /init, reconnecting and retrying with the same request (same timestamp) until it is

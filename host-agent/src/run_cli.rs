@@ -4,10 +4,10 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context};
+use anyhow::Context;
 use clap::Args;
 use envd_protocol::{Address, Client};
-use host_agent::vmm::builder::{GuestExit, VmConfig, Vmm, VsockConfig};
+use host_agent::vmm::builder::{VmConfig, Vmm, VsockConfig};
 
 #[derive(Args, Debug)]
 pub struct RunArgs {
@@ -116,17 +116,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<i32> {
             .spawn(move || wait_for_envd(addr, started, deadline))?;
     }
 
-    match vm.wait() {
-        Ok(GuestExit::PowerOff) => {
-            eprintln!("host-agent: guest powered off");
-            Ok(0)
-        }
-        Ok(GuestExit::Reset) => {
-            eprintln!("host-agent: guest reset the VM; stopping");
-            Ok(0)
-        }
-        Err(e) => bail!(e),
-    }
+    crate::cli_util::wait_for_exit(&vm)
 }
 
 /// Waits for envd's health answer; a guest whose envd never answers ends the run with an error.

@@ -8,6 +8,21 @@ use serde_json::Value;
 /// (label, numerator, denominator): each a criterion "group/function" id.
 const RATIOS: &[(&str, &str, &str)] = &[
     (
+        "restore_to_first_exec_ratio_vs_qemu",
+        "restore_to_first_exec/host-agent",
+        "restore_to_first_exec/qemu",
+    ),
+    (
+        "boot_to_first_exec_ratio_vs_qemu",
+        "boot_to_first_exec/host-agent",
+        "boot_to_first_exec/qemu",
+    ),
+    (
+        "exec_roundtrip_vsock_ratio_vs_host_spawn",
+        "exec_roundtrip/host-agent_vsock",
+        "exec_roundtrip/host_spawn",
+    ),
+    (
         "exec_roundtrip_ratio_vs_direct_spawn_piped",
         "exec_roundtrip/envd_unix",
         "exec_roundtrip/direct_spawn_piped",
@@ -54,6 +69,9 @@ fn main() {
         ) {
             println!("{label}: {:.2}", n / d);
         }
+    }
+    if let Some(ns) = median_ns(&criterion_dir, "restore_to_first_exec/host-agent") {
+        println!("restore_to_first_exec_ms_median: {:.1}", ns / 1e6);
     }
     if let Some(ns) = median_ns(&criterion_dir, "init_roundtrip/envd_unix") {
         println!("init_roundtrip_us_median: {:.1}", ns / 1000.0);

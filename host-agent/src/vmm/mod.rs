@@ -5,6 +5,7 @@
 //! `devices/` holds the device models, `builder.rs` assembles a VM from a config.
 
 pub mod acpi;
+pub mod anchor;
 pub mod arch;
 pub mod builder;
 pub mod devices;

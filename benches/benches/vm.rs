@@ -1,0 +1,426 @@
+//! VM-level benchmarks, side by side with QEMU in the same run: restore to first exec, boot to first
+//! exec, restore only, exec and init round trips over vsock, and the physical-limit anchors (a KVM VM
+//! with one configured vCPU and no guest work; a host spawn of `/bin/true`).
+//!
+//! They need real KVM and vhost-vsock: on this project's machines they run inside the nested test
+//! host (`make bench` does that), where every timing is emulated and only ratios mean something.
+//! Without `ENVD_VM_BENCH=1` (set by `make bench` inside the harness) this binary does nothing.
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use criterion::{criterion_group, criterion_main, Criterion, SamplingMode};
+use envd_protocol::{pb, Address, Client};
+
+const GUEST_CID: u32 = 3;
+const ENVD_PORT: u32 = 49983;
+const DEADLINE: Duration = Duration::from_secs(300);
+
+struct Setup {
+    work: PathBuf,
+    template: PathBuf,
+    agent: PathBuf,
+    qemu: PathBuf,
+    cmdline: String,
+    agent_snapshot: PathBuf,
+    qemu_snapshot: PathBuf,
+}
+
+fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime")
+}
+
+fn env_path(var: &str, default: &str) -> PathBuf {
+    std::env::var_os(var)
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(default))
+}
+
+/// Polls until envd answers, then sends /init with one instance variable and runs `argv`.
+async fn init_and_exec(addr: &Address, argv: &[&str]) -> Client {
+    let client = Client::connect_when_ready(addr, Duration::from_millis(500), DEADLINE)
+        .await
+        .expect("envd ready");
+    client
+        .init(pb::InitRequest {
+            env: [("SANDBOX_ID".to_string(), "bench".to_string())].into(),
+            timestamp: Some(prost_types::Timestamp::from(std::time::SystemTime::now())),
+            ..Default::default()
+        })
+        .await
+        .expect("init");
+    let out = client
+        .start(pb::StartRequest {
+            cmd: argv[0].into(),
+            args: argv[1..].iter().map(|s| s.to_string()).collect(),
+            ..Default::default()
+        })
+        .await
+        .expect("start")
+        .collect()
+        .await
+        .expect("end");
+    assert_eq!(out.exit_status(), Some(0));
+    client
+}
+
+fn qemu_args(s: &Setup, console: &Path) -> Vec<String> {
+    let t = &s.template;
+    let mut a: Vec<String> = [
+        "-enable-kvm",
+        "-M",
+        "pc",
+        "-cpu",
+        "host",
+        "-smp",
+        "1",
+        "-m",
+        "256",
+        "-nodefaults",
+        "-no-user-config",
+        "-display",
+        "none",
+        "-no-reboot",
+    ]
+    .iter()
+    .map(|x| x.to_string())
+    .collect();
+    a.extend([
+        "-kernel".into(),
+        t.join("vmlinuz").display().to_string(),
+        "-initrd".into(),
+        t.join("initrd").display().to_string(),
+        "-append".into(),
+        s.cmdline.clone(),
+        "-serial".into(),
+        format!("file:{}", console.display()),
+        "-device".into(),
+        format!("vhost-vsock-pci,guest-cid={GUEST_CID}"),
+    ]);
+    a
+}
+
+fn spawn(cmd: &mut Command) -> Child {
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn")
+}
+
+fn stop(mut child: Child) {
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+/// Boots QEMU, waits for envd, migrates the running VM to a file (QEMU's fastest restore input).
+fn qemu_snapshot(s: &Setup) {
+    let qmp = s.work.join("qmp.sock");
+    let _ = std::fs::remove_file(&qmp);
+    let mut args = qemu_args(s, &s.work.join("qemu-template.log"));
+    args.extend([
+        "-qmp".into(),
+        format!("unix:{},server=on,wait=off", qmp.display()),
+    ]);
+    let child = spawn(Command::new(&s.qemu).args(&args));
+    let addr = Address::Vsock {
+        cid: Some(GUEST_CID),
+        port: ENVD_PORT,
+    };
+    rt().block_on(async {
+        Client::connect_when_ready(&addr, Duration::from_millis(500), DEADLINE)
+            .await
+            .expect("qemu envd ready")
+    });
+    let stream = UnixStream::connect(&qmp).expect("qmp");
+    let mut reader = BufReader::new(stream.try_clone().expect("clone"));
+    let mut writer = stream;
+    let mut line = String::new();
+    reader.read_line(&mut line).expect("greeting");
+    let mut qmp_cmd = |cmd: String| -> String {
+        writer.write_all(cmd.as_bytes()).expect("qmp write");
+        loop {
+            line.clear();
+            reader.read_line(&mut line).expect("qmp read");
+            if line.contains("\"return\"") || line.contains("\"error\"") {
+                return line.clone();
+            }
+        }
+    };
+    qmp_cmd("{\"execute\":\"qmp_capabilities\"}\n".into());
+    let uri = format!("exec:cat > {}", s.qemu_snapshot.display());
+    qmp_cmd(format!(
+        "{{\"execute\":\"migrate\",\"arguments\":{{\"uri\":\"{uri}\"}}}}\n"
+    ));
+    let started = Instant::now();
+    loop {
+        let status = qmp_cmd("{\"execute\":\"query-migrate\"}\n".into());
+        if status.contains("\"completed\"") {
+            break;
+        }
+        assert!(
+            !status.contains("\"failed\""),
+            "QEMU migration failed: {status}"
+        );
+        assert!(
+            started.elapsed() < DEADLINE,
+            "QEMU migration did not finish"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    stop(child);
+}
+
+/// Boots host-agent, waits for envd, takes a template snapshot.
+fn agent_snapshot(s: &Setup) {
+    let uds = s.work.join("tpl.sock");
+    let ctl = s.work.join("tpl.ctl");
+    let child = spawn(Command::new(&s.agent).args([
+        "run",
+        "--template",
+        &s.template.display().to_string(),
+        "--vsock-uds",
+        &uds.display().to_string(),
+        "--control-sock",
+        &ctl.display().to_string(),
+    ]));
+    let addr = Address::HybridVsock {
+        uds,
+        port: ENVD_PORT,
+    };
+    rt().block_on(async {
+        Client::connect_when_ready(&addr, Duration::from_millis(500), DEADLINE)
+            .await
+            .expect("host-agent envd ready")
+    });
+    let status = Command::new(&s.agent)
+        .args(["ctl", "--control-sock"])
+        .arg(&ctl)
+        .args(["snapshot", "--template", "--keep-paused", "--dir"])
+        .arg(&s.agent_snapshot)
+        .stdout(Stdio::null())
+        .status()
+        .expect("ctl");
+    assert!(status.success());
+    stop(child);
+}
+
+fn setup() -> Option<Setup> {
+    if std::env::var_os("ENVD_VM_BENCH").is_none() {
+        eprintln!("vm benches skipped: run them with `make bench` (they need KVM and vhost-vsock)");
+        return None;
+    }
+    let template = env_path("ENVD_TEMPLATE", "/template");
+    let manifest: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(template.join("template.json")).expect("template.json"),
+    )
+    .expect("template.json");
+    let work = std::env::temp_dir().join("envd-vm-bench");
+    let _ = std::fs::remove_dir_all(&work);
+    std::fs::create_dir_all(&work).expect("work dir");
+    let s = Setup {
+        agent: env_path("HOST_AGENT", "/usr/local/bin/host-agent"),
+        qemu: env_path("ENVD_QEMU", "qemu-system-x86_64"),
+        cmdline: manifest["cmdline"].as_str().expect("cmdline").to_string(),
+        agent_snapshot: work.join("agent-snap"),
+        qemu_snapshot: work.join("qemu.snap"),
+        template,
+        work,
+    };
+    agent_snapshot(&s);
+    qemu_snapshot(&s);
+    Some(s)
+}
+
+/// One host-agent restore to the end of the first `/bin/true`, measured from launch; returns the
+/// duration and host-agent's own timings.
+fn agent_restore_once(s: &Setup, i: u64) -> (Duration, serde_json::Value) {
+    let uds = s.work.join(format!("r{i}.sock"));
+    let timings = s.work.join(format!("r{i}.json"));
+    let started = Instant::now();
+    let mut child = spawn(
+        Command::new(&s.agent)
+            .args(["restore", "--snapshot"])
+            .arg(&s.agent_snapshot)
+            .arg("--vsock-uds")
+            .arg(&uds)
+            .args(["--env", "SANDBOX_ID=bench", "--timings-json"])
+            .arg(&timings)
+            .args(["--", "/bin/true"]),
+    );
+    let stderr = child.stderr.take().expect("stderr");
+    for line in BufReader::new(stderr).lines() {
+        let line = line.expect("stderr line");
+        if line.contains("sandbox ready") {
+            break;
+        }
+    }
+    let elapsed = started.elapsed();
+    stop(child);
+    let t = serde_json::from_str(&std::fs::read_to_string(&timings).unwrap_or_default())
+        .unwrap_or_default();
+    (elapsed, t)
+}
+
+fn qemu_restore_once(s: &Setup) -> Duration {
+    let mut args = qemu_args(s, &s.work.join("qemu-restore.log"));
+    args.extend([
+        "-incoming".into(),
+        format!("exec:cat {}", s.qemu_snapshot.display()),
+    ]);
+    let started = Instant::now();
+    let child = spawn(Command::new(&s.qemu).args(&args));
+    let addr = Address::Vsock {
+        cid: Some(GUEST_CID),
+        port: ENVD_PORT,
+    };
+    rt().block_on(init_and_exec(&addr, &["/bin/true"]));
+    let elapsed = started.elapsed();
+    stop(child);
+    elapsed
+}
+
+fn vm_benches(c: &mut Criterion) {
+    let Some(s) = setup() else { return };
+    let mut restore = c.benchmark_group("restore_to_first_exec");
+    restore.sample_size(10).sampling_mode(SamplingMode::Flat);
+    restore.bench_function("host-agent", |b| {
+        b.iter_custom(|iters| (0..iters).map(|i| agent_restore_once(&s, i).0).sum())
+    });
+    restore.bench_function("qemu", |b| {
+        b.iter_custom(|iters| (0..iters).map(|_| qemu_restore_once(&s)).sum())
+    });
+    restore.finish();
+
+    let mut only = c.benchmark_group("restore_only");
+    only.sample_size(10).sampling_mode(SamplingMode::Flat);
+    only.bench_function("host-agent", |b| {
+        b.iter_custom(|iters| {
+            (0..iters)
+                .map(|i| {
+                    let (_, t) = agent_restore_once(&s, 1000 + i);
+                    Duration::from_secs_f64(t["vcpus_running"].as_f64().unwrap_or(0.0) / 1000.0)
+                })
+                .sum()
+        })
+    });
+    only.finish();
+
+    let mut boot = c.benchmark_group("boot_to_first_exec");
+    boot.sample_size(10).sampling_mode(SamplingMode::Flat);
+    boot.bench_function("host-agent", |b| {
+        b.iter_custom(|iters| {
+            (0..iters)
+                .map(|i| {
+                    let uds = s.work.join(format!("b{i}.sock"));
+                    let started = Instant::now();
+                    let child = spawn(
+                        Command::new(&s.agent)
+                            .args(["run", "--envd-timeout-ms", "0", "--template"])
+                            .arg(&s.template)
+                            .arg("--vsock-uds")
+                            .arg(&uds),
+                    );
+                    let addr = Address::HybridVsock {
+                        uds,
+                        port: ENVD_PORT,
+                    };
+                    rt().block_on(init_and_exec(&addr, &["/bin/true"]));
+                    let d = started.elapsed();
+                    stop(child);
+                    d
+                })
+                .sum()
+        })
+    });
+    boot.bench_function("qemu", |b| {
+        b.iter_custom(|iters| {
+            (0..iters)
+                .map(|_| {
+                    let started = Instant::now();
+                    let child = spawn(
+                        Command::new(&s.qemu).args(qemu_args(&s, &s.work.join("qemu-boot.log"))),
+                    );
+                    let addr = Address::Vsock {
+                        cid: Some(GUEST_CID),
+                        port: ENVD_PORT,
+                    };
+                    rt().block_on(init_and_exec(&addr, &["/bin/true"]));
+                    let d = started.elapsed();
+                    stop(child);
+                    d
+                })
+                .sum()
+        })
+    });
+    boot.finish();
+
+    // Round trips in one running (restored) sandbox, beside a host spawn of /bin/true.
+    let uds = s.work.join("rt.sock");
+    let sandbox = spawn(
+        Command::new(&s.agent)
+            .args(["restore", "--snapshot"])
+            .arg(&s.agent_snapshot)
+            .arg("--vsock-uds")
+            .arg(&uds),
+    );
+    let runtime = rt();
+    let addr = Address::HybridVsock {
+        uds,
+        port: ENVD_PORT,
+    };
+    let client = runtime.block_on(init_and_exec(&addr, &["/bin/true"]));
+    let mut exec = c.benchmark_group("exec_roundtrip");
+    exec.bench_function("host-agent_vsock", |b| {
+        b.to_async(&runtime).iter(|| async {
+            let out = client
+                .start(pb::StartRequest {
+                    cmd: "/bin/true".into(),
+                    ..Default::default()
+                })
+                .await
+                .expect("start")
+                .collect()
+                .await
+                .expect("end");
+            assert_eq!(out.exit_status(), Some(0));
+        })
+    });
+    exec.bench_function("host_spawn", |b| {
+        b.iter(|| {
+            let st = Command::new("/bin/true").status().expect("spawn");
+            assert!(st.success());
+        })
+    });
+    exec.finish();
+    let mut init = c.benchmark_group("init_roundtrip");
+    init.bench_function("host-agent_vsock", |b| {
+        b.to_async(&runtime).iter(|| async {
+            client
+                .init(pb::InitRequest {
+                    env: [("K".to_string(), "v".to_string())].into(),
+                    timestamp: Some(prost_types::Timestamp::from(std::time::SystemTime::now())),
+                    ..Default::default()
+                })
+                .await
+                .expect("init")
+        })
+    });
+    init.finish();
+    stop(sandbox);
+
+    let mut anchor = c.benchmark_group("anchor");
+    anchor.bench_function("kvm_vm_with_one_vcpu", |b| {
+        b.iter(|| host_agent::vmm::anchor::create_vm_with_vcpu().expect("kvm"))
+    });
+    anchor.finish();
+}
+
+criterion_group!(benches, vm_benches);
+criterion_main!(benches);
