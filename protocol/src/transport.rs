@@ -16,6 +16,9 @@ pub enum Connection {
     Vsock(VsockStream),
 }
 
+/// How many times a vsock connect that timed out in the kernel is tried.
+const VSOCK_CONNECT_ATTEMPTS: u32 = 3;
+
 /// The longest reply line of a hybrid-vsock handshake we accept (`OK 4294967295\n` is 14 bytes).
 const MAX_HANDSHAKE_REPLY: usize = 32;
 
@@ -30,9 +33,24 @@ pub async fn connect(addr: &Address) -> io::Result<Connection> {
                     "a vsock address to connect to needs a CID",
                 )
             })?;
-            Ok(Connection::Vsock(
-                VsockStream::connect(VsockAddr::new(cid, *port)).await?,
-            ))
+            let addr = VsockAddr::new(cid, *port);
+            // The kernel gives up on a vsock connect the guest has not answered within its
+            // connect timeout (2 s by default), which a busy guest (many connections at once, or
+            // a nested VM) can miss while it is perfectly alive. Try again a few times before
+            // reporting the timeout.
+            let mut attempt = 1;
+            loop {
+                match VsockStream::connect(addr).await {
+                    Ok(stream) => return Ok(Connection::Vsock(stream)),
+                    Err(e)
+                        if e.kind() == io::ErrorKind::TimedOut
+                            && attempt < VSOCK_CONNECT_ATTEMPTS =>
+                    {
+                        attempt += 1;
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
         }
         Address::HybridVsock { uds, port } => {
             let mut stream = UnixStream::connect(uds).await?;
