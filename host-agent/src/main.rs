@@ -7,6 +7,7 @@ mod ctl_cli;
 mod envd_cli;
 mod restore_cli;
 mod run_cli;
+mod serve_cli;
 
 use clap::{Parser, Subcommand};
 
@@ -27,6 +28,8 @@ enum Command {
     Restore(restore_cli::RestoreArgs),
     /// Pause, resume or snapshot a running sandbox through its control socket.
     Ctl(ctl_cli::CtlArgs),
+    /// Serve the orchestrator API (HTTP/JSON on a Unix socket) for one sandbox.
+    Serve(serve_cli::ServeArgs),
 }
 
 fn main() {
@@ -41,6 +44,7 @@ fn main() {
         Command::Run(args) => run_cli::run(args),
         Command::Restore(args) => restore_cli::run(args),
         Command::Ctl(args) => ctl_cli::run(args),
+        Command::Serve(args) => serve_cli::run(args),
         Command::Envd(args) => tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
