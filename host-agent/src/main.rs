@@ -54,8 +54,25 @@ fn main() {
     match result {
         Ok(code) => std::process::exit(code),
         Err(e) => {
-            eprintln!("host-agent: {e:#}");
+            eprintln!("host-agent: {}", error_chain(&e));
             std::process::exit(1);
         }
     }
+}
+
+/// The error and its causes, skipping a cause whose text the message already carries (many
+/// errors quote their source in their own message).
+fn error_chain(e: &anyhow::Error) -> String {
+    let mut text = String::new();
+    for cause in e.chain() {
+        let part = cause.to_string();
+        if text.contains(&part) {
+            continue;
+        }
+        if !text.is_empty() {
+            text.push_str(": ");
+        }
+        text.push_str(&part);
+    }
+    text
 }

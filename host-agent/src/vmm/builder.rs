@@ -314,7 +314,7 @@ impl Vmm {
             &vm,
             SerialDevice::new(
                 serial_irq.try_clone()?,
-                ConsoleOutput::new(console, panic.clone()),
+                ConsoleOutput::new(console, panic.clone()).stop_on_panic(stop_tx.clone()),
             ),
             &serial_irq,
             &stop_tx,
@@ -428,7 +428,7 @@ impl Vmm {
         let serial_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(BuildError::from)?;
         let serial = SerialDevice::restore(
             serial_irq.try_clone().map_err(BuildError::from)?,
-            ConsoleOutput::new(console, panic.clone()),
+            ConsoleOutput::new(console, panic.clone()).stop_on_panic(stop_tx.clone()),
             &state.serial,
         )
         .map_err(BuildError::from)?;

@@ -22,11 +22,13 @@ impl Trigger for IrqTrigger {
 /// The first line of a kernel panic, once one has been printed.
 pub type PanicWatch = Arc<Mutex<Option<String>>>;
 
-/// Console output: to a file (or nowhere), line by line, noting a kernel panic.
+/// Console output: to a file (or nowhere), line by line, noting a kernel panic and stopping the
+/// VM on one (a guest booted with `panic=0` would otherwise hang there forever).
 pub struct ConsoleOutput {
     sink: Option<io::LineWriter<std::fs::File>>,
     line: Vec<u8>,
     panic: PanicWatch,
+    stop: Option<std::sync::mpsc::Sender<crate::vmm::VmStop>>,
 }
 
 const MAX_LINE: usize = 4096;
@@ -37,14 +39,30 @@ impl ConsoleOutput {
             sink: file.map(io::LineWriter::new),
             line: Vec::new(),
             panic,
+            stop: None,
         }
+    }
+
+    /// Stops the VM (through `stop`) as soon as a kernel panic is printed.
+    pub fn stop_on_panic(mut self, stop: std::sync::mpsc::Sender<crate::vmm::VmStop>) -> Self {
+        self.stop = Some(stop);
+        self
     }
 
     fn end_line(&mut self) {
         let text = String::from_utf8_lossy(&self.line);
         if text.contains("Kernel panic - not syncing") {
-            let mut panic = self.panic.lock().unwrap_or_else(|e| e.into_inner());
-            panic.get_or_insert_with(|| text.trim().to_string());
+            let first = {
+                let mut panic = self.panic.lock().unwrap_or_else(|e| e.into_inner());
+                let first = panic.is_none();
+                panic.get_or_insert_with(|| text.trim().to_string());
+                first
+            };
+            if first {
+                if let Some(stop) = &self.stop {
+                    let _ = stop.send(crate::vmm::VmStop::Reset);
+                }
+            }
         }
         self.line.clear();
     }
@@ -152,13 +170,18 @@ mod tests {
     use super::*;
 
     #[test]
-    fn notes_a_kernel_panic_line() {
+    fn notes_a_kernel_panic_line_and_stops_the_vm_once() {
         let watch = PanicWatch::default();
-        let mut out = ConsoleOutput::new(None, watch.clone());
+        let (tx, rx) = std::sync::mpsc::channel();
+        let mut out = ConsoleOutput::new(None, watch.clone()).stop_on_panic(tx);
         out.write_all(b"[    1.0] booting\n[    2.0] Kernel panic - not syncing: VFS: Unable to mount root fs\n")
             .unwrap();
         let seen = watch.lock().unwrap().clone().unwrap();
         assert!(seen.contains("Unable to mount root fs"));
+        out.write_all(b"Kernel panic - not syncing: again\n")
+            .unwrap();
+        assert_eq!(rx.try_recv(), Ok(crate::vmm::VmStop::Reset));
+        assert!(rx.try_recv().is_err(), "one stop per panic");
     }
 
     #[test]

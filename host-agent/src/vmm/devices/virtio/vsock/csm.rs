@@ -29,8 +29,9 @@ pub const CONN_BUF_ALLOC: u32 = 256 * 1024;
 const CREDIT_UPDATE_THRESHOLD: u32 = CONN_BUF_ALLOC / 4;
 
 /// How long the guest has to answer a REQUEST, or a full SHUTDOWN with a RST, before we give up
-/// on it and reset the connection ourselves.
-pub const CONN_TIMEOUT: Duration = Duration::from_secs(2);
+/// on it and reset the connection ourselves. Generous: a busy guest (dozens of connections at once,
+/// or a nested VM) can take seconds to answer while it is alive, and a dead one costs only this.
+pub const CONN_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Credit accounting for one connection. Pure arithmetic; counters wrap like the spec's u32s.
 #[derive(Clone, Debug)]
