@@ -37,6 +37,19 @@ const MAX_RST_BACKLOG: usize = 256;
 /// connects to on the host (as Firecracker does).
 const LOCAL_PORT_BASE: u32 = 1 << 30;
 
+/// Where this muxer starts handing out host ports: a random point in the upper range. A guest
+/// restored from a snapshot may still hold sockets (reset, not yet closed by their owner) for the
+/// ports the snapshotted VM's host side used; starting each process at the same port would make new
+/// connections collide with them and be refused.
+fn first_local_port() -> u32 {
+    use std::hash::{BuildHasher, Hasher};
+    // std's RandomState is seeded from the OS's randomness.
+    let random = std::collections::hash_map::RandomState::new()
+        .build_hasher()
+        .finish();
+    LOCAL_PORT_BASE + (random % u64::from(LOCAL_PORT_BASE / 2)) as u32
+}
+
 /// The longest `CONNECT <port>` line we accept.
 const MAX_HANDSHAKE_LINE: usize = 32;
 
@@ -102,7 +115,7 @@ impl Muxer {
             handshakes: HashMap::new(),
             rxq: VecDeque::new(),
             rst_backlog: VecDeque::new(),
-            next_local_port: LOCAL_PORT_BASE,
+            next_local_port: first_local_port(),
         })
     }
 
