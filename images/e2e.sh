@@ -9,10 +9,20 @@ if ! command -v qemu-system-x86_64 >/dev/null 2>&1; then
   echo "e2e.sh: qemu-system-x86_64 missing; run: apt-get install -y qemu-system-x86" >&2
   exit 125
 fi
-CARGO_PROFILE_RELEASE_DEBUG=false CARGO_PROFILE_RELEASE_STRIP=symbols RUSTFLAGS="-C target-feature=+crt-static" \
-  cargo build --release --target "$T" -p guest-envd -p host-agent
+# Static, stripped builds (same flags as `make static`, so the artifacts are shared).
+static_build() {
+  CARGO_PROFILE_RELEASE_DEBUG=false CARGO_PROFILE_RELEASE_STRIP=symbols RUSTFLAGS="-C target-feature=+crt-static" \
+    cargo build --release --target "$T" "$@"
+}
+static_build -p guest-envd -p host-agent
+# The guest-side vsock test tool, baked into the test template (own invocation: its own feature set).
+static_build -p envd-images --bin envd-vsock-connect
 cargo build --release -p envd-images
 ./target/release/envd-image template --envd "target/$T/release/guest-envd" \
-  --oci-config images/testdata/oci-config.json --out target/template
-exec ./target/release/envd-harness run --timeout "${ENVD_E2E_TIMEOUT:-900}" \
-  --template target/template --host-agent "target/$T/release/host-agent" -- envd-e2e "$@"
+  --oci-config images/testdata/oci-config.json \
+  --add "target/$T/release/envd-vsock-connect:/usr/local/bin/envd-vsock-connect" --out target/template
+# Both runners in one test host: the per-VMM checks (qemu and host-agent), then snapshot/restore.
+exec ./target/release/envd-harness run --timeout "${ENVD_E2E_TIMEOUT:-1800}" \
+  --template target/template --host-agent "target/$T/release/host-agent" \
+  --include target/release/envd-snapshot-e2e:/usr/local/bin/envd-snapshot-e2e \
+  -- sh -c 'envd-e2e "$@"; a=$?; envd-snapshot-e2e; b=$?; [ "$a" = 0 ] && [ "$b" = 0 ]' sh "$@"

@@ -306,7 +306,7 @@ pub fn prune_runs(parent: &Path, keep: usize) {
 }
 
 /// Reads what was appended to a file since `pos`.
-fn read_new(path: &Path, pos: &mut u64) -> Vec<u8> {
+pub fn read_new(path: &Path, pos: &mut u64) -> Vec<u8> {
     let Ok(mut f) = File::open(path) else {
         return Vec::new();
     };

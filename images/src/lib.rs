@@ -13,6 +13,7 @@ pub mod harness;
 pub mod modinfo;
 pub mod paths;
 pub mod rootfs;
+pub mod snapshot_e2e;
 pub mod template;
 pub mod template_env;
 pub mod testhost;

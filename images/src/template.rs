@@ -50,6 +50,8 @@ pub enum BuildError {
     },
     #[error("template WorkingDir {0:?} must be an absolute path")]
     Workdir(String),
+    #[error("bad --add {0:?}: {1}")]
+    Add(String, &'static str),
 }
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> BuildError + '_ {
@@ -84,8 +86,43 @@ pub struct TemplateOptions {
     pub out: PathBuf,
     pub cmdline: String,
     pub extra_modules: Vec<String>,
+    /// Extra host files copied into the initramfs (e.g. test tools).
+    pub extra_files: Vec<ExtraFile>,
     pub compression: Compression,
     pub envd_version: String,
+}
+
+/// A host file added to the initramfs at `guest` (keeps its permission bits).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExtraFile {
+    pub host: PathBuf,
+    pub guest: String,
+}
+
+/// Paths the builder owns; an extra file may not replace them.
+const RESERVED: &[&str] = &["/init", "/etc/envd/envd.json"];
+
+/// Parses `HOST:GUEST` (GUEST absolute, not one of the builder's own files).
+pub fn parse_add(spec: &str) -> Result<ExtraFile, BuildError> {
+    let bad = |why| BuildError::Add(spec.to_string(), why);
+    let (host, guest) = spec
+        .rsplit_once(':')
+        .ok_or_else(|| bad("expected HOST_PATH:GUEST_PATH"))?;
+    if host.is_empty() {
+        return Err(bad("empty host path"));
+    }
+    let clean = crate::tree::clean(guest).map_err(|_| bad("bad guest path"))?;
+    if !guest.starts_with('/') {
+        return Err(bad("the guest path must be absolute"));
+    }
+    let guest = format!("/{clean}");
+    if RESERVED.contains(&guest.as_str()) {
+        return Err(bad("the template builder owns that guest path"));
+    }
+    Ok(ExtraFile {
+        host: PathBuf::from(host),
+        guest,
+    })
 }
 
 /// `/etc/envd/envd.json`: guest-envd's contract with the image.
@@ -202,6 +239,10 @@ pub fn build_template(opts: &TemplateOptions, cache: &DebCache) -> Result<Manife
     if let Some(r) = &opts.rootfs {
         inputs.update(sha256_file(r).map_err(io_err(r))?);
     }
+    for x in &opts.extra_files {
+        let sum = sha256_file(&x.host).map_err(io_err(&x.host))?;
+        inputs.update(format!("add {} {sum}\n", x.guest));
+    }
     let inputs_sha256 = hex(&inputs.finalize());
     if let Some(m) = read_manifest(&opts.out) {
         let unchanged = m.inputs_sha256 == inputs_sha256
@@ -219,6 +260,9 @@ pub fn build_template(opts: &TemplateOptions, cache: &DebCache) -> Result<Manife
     components::base_layout(&mut tree)?;
     busybox.install(&mut tree)?;
     let modules = kernel.install_modules(&mut tree, &roots)?;
+    for x in &opts.extra_files {
+        tree.host_file(&x.guest, &x.host, None)?;
+    }
     tree.host_file("/init", &opts.envd, Some(0o755))?;
     if let Some(w) = &env.workdir {
         tree.dir(w, 0o755)?;
@@ -360,6 +404,29 @@ mod tests {
             load_env(&EnvSource::EnvFile(bad)),
             Err(BuildError::Env { .. })
         ));
+    }
+
+    #[test]
+    fn add_specs() {
+        assert_eq!(
+            parse_add("target/x/tool:/usr/local/bin/tool").unwrap(),
+            ExtraFile {
+                host: PathBuf::from("target/x/tool"),
+                guest: "/usr/local/bin/tool".into()
+            }
+        );
+        assert_eq!(parse_add("a:/usr//bin/./b").unwrap().guest, "/usr/bin/b");
+        for bad in [
+            "tool",
+            ":/x",
+            "a:rel/x",
+            "a:/",
+            "a:/init",
+            "a:/etc/envd/envd.json",
+            "a:/x/../y",
+        ] {
+            assert!(parse_add(bad).is_err(), "{bad}");
+        }
     }
 
     #[test]

@@ -1,6 +1,9 @@
 //! `envd-e2e`: the full-stack checks, run inside the test host (`envd-harness run -- envd-e2e`) or on a
-//! host with hardware KVM. For each available VMM: boot the template, wait for guest-envd, run the checks,
-//! power off; prints `VMM: N passed, M failed` per VMM and exits non-zero if anything failed.
+//! host with hardware KVM. For each available VMM (`qemu`, `host-agent`): boot the template, wait for
+//! guest-envd, run the checks, power off; then host-agent's own checks (guest-initiated vsock, 2 and 4
+//! vCPUs, bad input) and, when both VMMs ran, a side-by-side boot comparison (`--boots` each). Prints
+//! `VMM: N passed, M failed` per VMM, the line `boot_to_envd_ready_ratio host-agent/qemu: X`, and exits
+//! non-zero if anything failed.
 //!
 //! Inputs (flags, else env vars set by the harness, else defaults): the template directory
 //! (`$ENVD_TEMPLATE_DIR`, `/template`), the host-agent CLI (`$ENVD_HOST_AGENT`, `host-agent` on PATH), QEMU
@@ -11,8 +14,8 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 use clap::Parser;
-use envd_images::e2e::vmm::{Qemu, Vmm};
-use envd_images::e2e::Runner;
+use envd_images::e2e::vmm::{HostAgent, Qemu, Vmm};
+use envd_images::e2e::{bootcmp, hostagent, Runner, Summary};
 use envd_images::{paths, template};
 
 #[derive(Parser)]
@@ -24,7 +27,7 @@ struct Cli {
     host_agent: Option<PathBuf>,
     #[arg(long, env = "ENVD_QEMU")]
     qemu: Option<PathBuf>,
-    /// Only these VMMs (default: all available). Known: qemu.
+    /// Only these VMMs (default: all available). Known: qemu, host-agent.
     #[arg(long = "vmm")]
     vmms: Vec<String>,
     /// vsock CID for the guest.
@@ -35,6 +38,9 @@ struct Cli {
     boot_timeout: u64,
     #[arg(long, env = "ENVD_E2E_DIR")]
     work_dir: Option<PathBuf>,
+    /// Boots per VMM for the side-by-side boot comparison (0: skip it).
+    #[arg(long, default_value_t = 3)]
+    boots: usize,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -60,11 +66,16 @@ fn main() -> anyhow::Result<()> {
         .qemu
         .or_else(|| paths::which("qemu-system-x86_64"))
         .unwrap_or_else(|| "qemu-system-x86_64".into());
-    let all: Vec<Box<dyn Vmm>> = vec![Box::new(Qemu {
+    let qemu = Qemu {
         binary: qemu,
         cid: cli.cid,
         memory_mib: 256,
-    })];
+    };
+    let ha = HostAgent {
+        binary: host_agent.clone(),
+        vcpus: 1,
+        memory_mib: 256,
+    };
     let work_dir = cli
         .work_dir
         .unwrap_or_else(|| std::env::temp_dir().join(format!("envd-e2e-{}", std::process::id())));
@@ -75,9 +86,11 @@ fn main() -> anyhow::Result<()> {
         work_dir,
         boot_deadline: Duration::from_secs(cli.boot_timeout),
     };
-    let mut stdout = std::io::stdout();
-    let (mut passed, mut failed, mut ran) = (0, 0, 0);
-    for vmm in &all {
+    let mut out = std::io::stdout();
+    let all: [&dyn Vmm; 2] = [&qemu, &ha];
+    // Per VMM: its summary, if it ran.
+    let mut ran: Vec<Option<Summary>> = vec![None, None];
+    for (k, vmm) in all.iter().enumerate() {
         if !cli.vmms.is_empty() && !cli.vmms.iter().any(|v| v == vmm.name()) {
             continue;
         }
@@ -85,17 +98,46 @@ fn main() -> anyhow::Result<()> {
             println!("{}: skipped: {why}", vmm.name());
             continue;
         }
-        ran += 1;
-        let s = runner.run(vmm.as_ref(), &mut stdout);
+        let mut s = runner.run(*vmm, &mut out);
+        if k == 1 {
+            let booted = s.booted;
+            hostagent::extra_checks(&runner, &ha, booted, &mut s, &mut out);
+        }
+        ran[k] = Some(s);
+    }
+    if ran.iter().all(Option::is_none) {
+        bail!("no VMM could run");
+    }
+    let mut ratios = bootcmp::Ratios::default();
+    let mut compared = false;
+    if let ([Some(sq), Some(sh)], true) = (ran.as_mut_slice(), cli.boots > 0) {
+        let (bq, bh) = (sq.booted, sh.booted);
+        compared = true;
+        ratios = bootcmp::compare(
+            &runner,
+            [(&qemu, sq, bq), (&ha, sh, bh)],
+            cli.boots,
+            &mut out,
+        );
+    }
+    let (mut passed, mut failed) = (0, 0);
+    for s in ran.iter().flatten() {
+        println!("{}", s.line());
         passed += s.passed;
         failed += s.failed;
     }
-    if ran == 0 {
-        bail!("no VMM could run");
+    if compared {
+        for (label, r) in [
+            (bootcmp::RATIO_LABEL, ratios.ready),
+            (bootcmp::CONSOLE_RATIO_LABEL, ratios.console),
+        ] {
+            match r {
+                Some(r) => println!("{label}: {r:.2}"),
+                None => println!("{label}: n/a (a VMM has no successful boot)"),
+            }
+        }
     }
-    if all.len() > 1 {
-        println!("e2e: {passed} passed, {failed} failed");
-    }
+    println!("e2e: {passed} passed, {failed} failed");
     if failed > 0 {
         std::process::exit(1);
     }

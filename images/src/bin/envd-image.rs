@@ -39,6 +39,9 @@ enum Cmd {
         /// Extra kernel modules to include and load (with their dependencies).
         #[arg(long = "module")]
         modules: Vec<String>,
+        /// HOST_PATH:GUEST_PATH: copy a host file into the initramfs (e.g. a static test tool).
+        #[arg(long = "add")]
+        adds: Vec<String>,
         #[arg(long, value_enum, default_value = "none")]
         compress: CompressArg,
         /// Version string recorded for envd (default: this workspace's version).
@@ -76,6 +79,7 @@ fn main() -> anyhow::Result<()> {
             out,
             cmdline,
             modules,
+            adds,
             compress,
             envd_version,
         } => {
@@ -90,6 +94,15 @@ fn main() -> anyhow::Result<()> {
                 (None, Some(p)) => EnvSource::EnvFile(p),
                 (None, None) => EnvSource::None,
             };
+            let extra_files = adds
+                .iter()
+                .map(|a| template::parse_add(a))
+                .collect::<Result<Vec<_>, _>>()?;
+            for x in &extra_files {
+                if !x.host.is_file() {
+                    bail!("--add: {} is not a file", x.host.display());
+                }
+            }
             let opts = TemplateOptions {
                 envd,
                 env,
@@ -97,6 +110,7 @@ fn main() -> anyhow::Result<()> {
                 out: out.clone(),
                 cmdline,
                 extra_modules: modules,
+                extra_files,
                 compression: match compress {
                     CompressArg::None => Compression::None,
                     CompressArg::Gzip => Compression::Gzip,

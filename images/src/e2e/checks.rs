@@ -74,6 +74,12 @@ pub struct Ctx<'a> {
 
 pub type Check = (&'static str, fn(&Ctx<'_>) -> Result<(), String>);
 
+/// A VMM-specific check on the running VM; `Ok` carries a detail for the PASS line.
+pub type LiveCheck = (
+    &'static str,
+    fn(&Ctx<'_>, &super::vmm::Vm) -> Result<String, String>,
+);
+
 /// The checks, in the order they run (instance env is set part-way, so order matters).
 pub const CHECKS: &[Check] = &[
     ("envd is PID 1", pid1),
@@ -280,8 +286,8 @@ fn concurrent(c: &Ctx<'_>) -> Result<(), String> {
     for (i, p) in pending {
         match p.wait(deadline).and_then(|o| o.ok()) {
             Ok(o) if o.stdout_str().trim() == format!("out-{i}") => {}
-            Ok(o) => failures.push(format!("#{i}: output {:?}", o.stdout_str())),
-            Err(e) => failures.push(format!("#{i}: {e}")),
+            Ok(o) => failures.push((i, format!("output {:?}", o.stdout_str()))),
+            Err(e) => failures.push((i, e)),
         }
     }
     if failures.is_empty() {
@@ -290,9 +296,28 @@ fn concurrent(c: &Ctx<'_>) -> Result<(), String> {
         Err(format!(
             "{} of {N} failed: {}",
             failures.len(),
-            failures.join("; ")
+            group_failures(&failures)
         ))
     }
+}
+
+/// `#0 #3 #7: why; #5: other why`: identical reasons once, with the indices that had them.
+pub fn group_failures(failures: &[(usize, String)]) -> String {
+    let mut groups: Vec<(Vec<usize>, &str)> = Vec::new();
+    for (i, why) in failures {
+        match groups.iter_mut().find(|(_, w)| *w == why.as_str()) {
+            Some((ids, _)) => ids.push(*i),
+            None => groups.push((vec![*i], why)),
+        }
+    }
+    groups
+        .iter()
+        .map(|(ids, why)| {
+            let ids: Vec<String> = ids.iter().map(|i| format!("#{i}")).collect();
+            format!("{}: {why}", ids.join(" "))
+        })
+        .collect::<Vec<_>>()
+        .join("; ")
 }
 
 #[cfg(test)]
@@ -317,5 +342,15 @@ mod tests {
             loaded_modules("vsock 53248 2 vhost_vsock, Live 0x0\n"),
             vec!["vsock"]
         );
+    }
+
+    #[test]
+    fn groups_identical_failures() {
+        let f = vec![
+            (0, "closed".to_string()),
+            (3, "timeout".to_string()),
+            (4, "closed".to_string()),
+        ];
+        assert_eq!(group_failures(&f), "#0 #4: closed; #3: timeout");
     }
 }

@@ -45,20 +45,27 @@ pub struct Pending {
 }
 
 impl Pending {
+    /// The output if the CLI has exited, else `None` (does not wait).
+    pub fn poll(&mut self) -> Result<Option<Output>, String> {
+        match self.child.try_wait() {
+            Ok(Some(status)) => {
+                let (o, e) = self.readers.take().ok_or("output already taken")?;
+                Ok(Some(Output {
+                    code: status.code(),
+                    stdout: o.join().unwrap_or_default(),
+                    stderr: e.join().unwrap_or_default(),
+                }))
+            }
+            Ok(None) => Ok(None),
+            Err(e) => Err(format!("{}: {e}", self.what)),
+        }
+    }
+
     /// Waits until `deadline`; kills the CLI and errs when it passes.
     pub fn wait(mut self, deadline: Instant) -> Result<Output, String> {
         loop {
-            match self.child.try_wait() {
-                Ok(Some(status)) => {
-                    let (o, e) = self.readers.take().ok_or("output already taken")?;
-                    return Ok(Output {
-                        code: status.code(),
-                        stdout: o.join().unwrap_or_default(),
-                        stderr: e.join().unwrap_or_default(),
-                    });
-                }
-                Ok(None) => {}
-                Err(e) => return Err(format!("{}: {e}", self.what)),
+            if let Some(o) = self.poll()? {
+                return Ok(o);
             }
             if Instant::now() > deadline {
                 let _ = self.child.kill();
@@ -161,6 +168,16 @@ impl EnvdCli {
             a.push(format!("{k}={v}"));
         }
         self.call(&a, timeout)
+    }
+
+    /// One CLI process that retries connect + health itself (`--wait-ms`, attempts of 500 ms, backoff up
+    /// to 100 ms) until envd answers: the finest-grained readiness probe, for boot timing.
+    pub fn start_health_wait(&self, wait: Duration) -> Result<Pending, String> {
+        self.start(&[
+            "--wait-ms".to_string(),
+            wait.as_millis().to_string(),
+            "health".to_string(),
+        ])
     }
 
     pub fn shutdown(&self, timeout: Duration) -> Result<Output, String> {

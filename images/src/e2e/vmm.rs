@@ -1,5 +1,6 @@
-//! The VMMs the e2e checks run under. Each boots a template and says how to reach its envd; adding a VMM
-//! (our own `host-agent` VMM, with its hybrid-vsock Unix socket) means adding one implementation here.
+//! The VMMs the e2e checks run under. Each boots a template and says how to reach its envd: QEMU with
+//! vhost-vsock (`vsock:CID:PORT`), and our own `host-agent` VMM with its hybrid-vsock Unix socket
+//! (`hvsock:PATH:PORT`).
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -13,6 +14,11 @@ pub struct Vm {
     /// The address `host-agent envd --connect` takes.
     pub address: String,
     pub console_log: PathBuf,
+    /// Where the VMM's own stderr goes.
+    pub stderr_log: PathBuf,
+    /// The hybrid-vsock Unix socket (host-agent only): guest-initiated connections to port P land on
+    /// `<path>_P`.
+    pub vsock_uds: Option<PathBuf>,
     pub started: Instant,
 }
 
@@ -24,6 +30,25 @@ impl Vm {
             Ok(Some(st)) => Err(format!("the VMM exited early ({st})")),
             Err(e) => Err(e.to_string()),
         }
+    }
+
+    /// The last lines of the console log and of the VMM's stderr, for failure reports.
+    pub fn tails(&self, who: &str, lines: usize) -> String {
+        let t = |p: &Path| {
+            let t = crate::harness::tail(p, lines);
+            if t.trim().is_empty() {
+                "(empty)".to_string()
+            } else {
+                t
+            }
+        };
+        format!(
+            "{who}: console tail ({}):\n{}\n{who}: VMM stderr ({}):\n{}",
+            self.console_log.display(),
+            t(&self.console_log),
+            self.stderr_log.display(),
+            t(&self.stderr_log)
+        )
     }
 
     /// Waits for the VMM to exit; kills it and errs at the deadline.
@@ -58,10 +83,16 @@ pub struct Template<'a> {
 }
 
 pub trait Vmm {
+    /// `qemu` or `host-agent`: the prefix of every output line.
     fn name(&self) -> &'static str;
     /// Why this VMM cannot run here, if it cannot.
     fn unavailable(&self) -> Option<String>;
+    /// Boots in `work_dir` (created fresh; console log, VMM stderr, sockets go there).
     fn boot(&self, template: &Template<'_>, work_dir: &Path) -> Result<Vm, String>;
+    /// Checks only this VMM runs, on the booted VM, after the common ones.
+    fn live_checks(&self) -> &'static [super::checks::LiveCheck] {
+        &[]
+    }
 }
 
 /// QEMU with KVM, `-M pc` (virtio-pci) and vhost-vsock.
@@ -128,19 +159,102 @@ impl Vmm for Qemu {
     }
 
     fn boot(&self, template: &Template<'_>, work_dir: &Path) -> Result<Vm, String> {
-        let console = work_dir.join("qemu-console.log");
+        let (console, stderr_log, stderr) = prepare_dir(work_dir)?;
         let child = Command::new(&self.binary)
             .args(self.args(template, &console))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
+            .stderr(stderr)
             .spawn()
             .map_err(|e| format!("starting {}: {e}", self.binary.display()))?;
         Ok(Vm {
             child,
             address: format!("vsock:{}:{}", self.cid, template.manifest.envd_port),
             console_log: console,
+            stderr_log,
+            vsock_uds: None,
             started: Instant::now(),
         })
+    }
+}
+
+/// A fresh per-boot directory: the console log path, the stderr log path and its open file.
+fn prepare_dir(work_dir: &Path) -> Result<(PathBuf, PathBuf, std::fs::File), String> {
+    let _ = std::fs::remove_dir_all(work_dir);
+    std::fs::create_dir_all(work_dir).map_err(|e| format!("{}: {e}", work_dir.display()))?;
+    let stderr_log = work_dir.join("vmm.stderr");
+    let f =
+        std::fs::File::create(&stderr_log).map_err(|e| format!("{}: {e}", stderr_log.display()))?;
+    Ok((work_dir.join("console.log"), stderr_log, f))
+}
+
+/// Our KVM VMM: `host-agent run --template DIR --vsock-uds PATH --console-log LOG`, virtio-mmio vsock
+/// described through ACPI, Firecracker-style hybrid vsock on the host side.
+pub struct HostAgent {
+    pub binary: PathBuf,
+    pub vcpus: u32,
+    pub memory_mib: u32,
+}
+
+impl HostAgent {
+    pub const UDS: &'static str = "v.sock";
+
+    pub fn args(&self, template: &Template<'_>, uds: &Path, console: &Path) -> Vec<String> {
+        let mut a: Vec<String> = vec![
+            "run".into(),
+            "--template".into(),
+            template.dir.to_string_lossy().into_owned(),
+            "--vsock-uds".into(),
+            uds.to_string_lossy().into_owned(),
+            "--console-log".into(),
+            console.to_string_lossy().into_owned(),
+        ];
+        if self.vcpus != 1 {
+            a.extend(["--vcpus".into(), self.vcpus.to_string()]);
+        }
+        if self.memory_mib != 256 {
+            a.extend(["--mem-mib".into(), self.memory_mib.to_string()]);
+        }
+        a
+    }
+}
+
+impl Vmm for HostAgent {
+    fn name(&self) -> &'static str {
+        "host-agent"
+    }
+
+    fn unavailable(&self) -> Option<String> {
+        if !self.binary.is_file() {
+            return Some(format!("{} not found", self.binary.display()));
+        }
+        if !Path::new("/dev/kvm").exists() {
+            return Some("/dev/kvm missing (load kvm)".into());
+        }
+        None
+    }
+
+    fn boot(&self, template: &Template<'_>, work_dir: &Path) -> Result<Vm, String> {
+        let (console, stderr_log, stderr) = prepare_dir(work_dir)?;
+        let uds = work_dir.join(Self::UDS);
+        let child = Command::new(&self.binary)
+            .args(self.args(template, &uds, &console))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(stderr)
+            .spawn()
+            .map_err(|e| format!("starting {}: {e}", self.binary.display()))?;
+        Ok(Vm {
+            child,
+            address: format!("hvsock:{}:{}", uds.display(), template.manifest.envd_port),
+            console_log: console,
+            stderr_log,
+            vsock_uds: Some(uds),
+            started: Instant::now(),
+        })
+    }
+
+    fn live_checks(&self) -> &'static [super::checks::LiveCheck] {
+        super::hostagent::LIVE_CHECKS
     }
 }
