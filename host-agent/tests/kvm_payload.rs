@@ -24,6 +24,20 @@ const PAYLOAD: &[u8] = &[
     0xba, 0xf8, 0x03, 0xb0, b'o', 0xee, 0xb0, b'k', 0xee, 0xba, 0x00, 0x06, 0xb0, 0x34, 0xee, 0xf4,
 ];
 
+/// vCPU 0 in real mode with CS at 0, about to run the payload at `LOAD_ADDR`.
+fn real_mode_vcpu(vm: &Vm) -> Vcpu {
+    let vcpu = Vcpu::new(vm, 0).expect("vCPU");
+    let mut sregs = vcpu.fd.get_sregs().unwrap();
+    sregs.cs.base = 0;
+    sregs.cs.selector = 0;
+    vcpu.fd.set_sregs(&sregs).unwrap();
+    let mut regs = vcpu.fd.get_regs().unwrap();
+    regs.rip = LOAD_ADDR;
+    regs.rflags = 2;
+    vcpu.fd.set_regs(&regs).unwrap();
+    vcpu
+}
+
 #[test]
 fn a_real_mode_payload_prints_on_the_serial_port_and_powers_off() {
     if !std::path::Path::new("/dev/kvm").exists() {
@@ -59,15 +73,7 @@ fn a_real_mode_payload_prints_on_the_serial_port_and_powers_off() {
     )
     .unwrap();
 
-    let vcpu = Vcpu::new(&vm, 0).expect("vCPU");
-    let mut sregs = vcpu.fd.get_sregs().unwrap();
-    sregs.cs.base = 0;
-    sregs.cs.selector = 0;
-    vcpu.fd.set_sregs(&sregs).unwrap();
-    let mut regs = vcpu.fd.get_regs().unwrap();
-    regs.rip = LOAD_ADDR;
-    regs.rflags = 2;
-    vcpu.fd.set_regs(&regs).unwrap();
+    let vcpu = real_mode_vcpu(&vm);
     let _handle = vcpu
         .spawn(
             Arc::new(io),
@@ -98,15 +104,7 @@ fn a_spinning_vcpu_pauses_saves_its_state_and_resumes() {
     let (mem, _file) = memory::create(64).expect("memory");
     vm.register_memory(&mem).expect("memory slots");
     mem.write_slice(SPIN, GuestAddress(LOAD_ADDR)).unwrap();
-    let vcpu = Vcpu::new(&vm, 0).expect("vCPU");
-    let mut sregs = vcpu.fd.get_sregs().unwrap();
-    sregs.cs.base = 0;
-    sregs.cs.selector = 0;
-    vcpu.fd.set_sregs(&sregs).unwrap();
-    let mut regs = vcpu.fd.get_regs().unwrap();
-    regs.rip = LOAD_ADDR;
-    regs.rflags = 2;
-    vcpu.fd.set_regs(&regs).unwrap();
+    let vcpu = real_mode_vcpu(&vm);
     let msrs = Arc::new(vm.kvm.get_msr_index_list().unwrap().as_slice().to_vec());
     let (stop_tx, stop_rx) = channel();
     let handle = vcpu
