@@ -576,6 +576,8 @@ pub enum RunError {
     GuestPanic(String),
     #[error("the VM failed: {0}")]
     Failed(String),
+    #[error("the guest crashed (triple fault): {0}")]
+    TripleFault(String),
 }
 
 /// Operations on a running VM that conflict with its state, or fail.
@@ -638,6 +640,7 @@ impl RunningVm {
             (VmStop::PowerOff, None) => Ok(GuestExit::PowerOff),
             (VmStop::Reset, None) => Ok(GuestExit::Reset),
             (VmStop::Failed(msg), None) => Err(RunError::Failed(msg)),
+            (VmStop::TripleFault(at), None) => Err(RunError::TripleFault(at)),
         }
     }
 

@@ -19,8 +19,10 @@ pub mod vstate;
 pub enum VmStop {
     /// The guest powered off (ACPI S5 or a KVM shutdown event).
     PowerOff,
-    /// The guest reset the machine (reboot, triple fault, or a panic with `panic=-1`).
+    /// The guest asked for a reset (i8042 pulse, KVM reset event, or a panic with `panic=-1`).
     Reset,
+    /// A vCPU triple-faulted (KVM_EXIT_SHUTDOWN): the guest crashed. Carries where it was.
+    TripleFault(String),
     /// KVM reported a failure the guest cannot recover from.
     Failed(String),
 }

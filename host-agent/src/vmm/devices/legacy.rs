@@ -30,6 +30,7 @@ impl BusDevice for I8042 {
 
     fn write(&mut self, offset: u64, data: &[u8]) {
         if offset == I8042_COMMAND_OFFSET && data.first() == Some(&I8042_CMD_RESET) {
+            tracing::info!("the guest pulsed the i8042 reset line");
             let _ = self.stop.send(VmStop::Reset);
         }
     }

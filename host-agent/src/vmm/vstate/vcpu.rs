@@ -227,6 +227,21 @@ impl Vcpu {
         Ok(())
     }
 
+    /// Where this vCPU is (id, mode, instruction pointer, paging), for crash reports.
+    fn describe_cpu(&self) -> String {
+        let regs = self.fd.get_regs();
+        let sregs = self.fd.get_sregs();
+        let mp = self.fd.get_mp_state().map(|m| m.mp_state);
+        match (regs, sregs) {
+            (Ok(r), Ok(s)) => format!(
+                "vCPU {}: rip {:#x} rsp {:#x} rflags {:#x} cs {:#x} cr0 {:#x} cr2 {:#x} cr3 {:#x} cr4 {:#x} efer {:#x} idt {:#x}+{:#x} mp_state {:?}",
+                self.id, r.rip, r.rsp, r.rflags, s.cs.selector, s.cr0, s.cr2, s.cr3, s.cr4, s.efer,
+                s.idt.base, s.idt.limit, mp
+            ),
+            (Err(e), _) | (_, Err(e)) => format!("vCPU {}: registers unreadable: {e}", self.id),
+        }
+    }
+
     /// Runs the vCPU until the guest stops it or KVM fails.
     pub fn run(mut self, io: Arc<Bus>, mmio: Arc<Bus>) -> VmStop {
         self.run_controlled(io, mmio, None)
@@ -263,13 +278,14 @@ impl Vcpu {
                 }
                 // With the in-kernel irqchip KVM handles HLT itself; an exit here is harmless.
                 Ok(VcpuExit::Hlt) => {}
-                Ok(VcpuExit::Shutdown) => return VmStop::Reset,
+                Ok(VcpuExit::Shutdown) => return VmStop::TripleFault(self.describe_cpu()),
                 Ok(VcpuExit::SystemEvent(kind, _)) => {
+                    tracing::info!(id = self.id, kind, "KVM system event");
                     return match kind {
                         KVM_SYSTEM_EVENT_SHUTDOWN => VmStop::PowerOff,
                         KVM_SYSTEM_EVENT_RESET => VmStop::Reset,
                         _ => VmStop::Reset,
-                    }
+                    };
                 }
                 Ok(VcpuExit::FailEntry(reason, cpu)) => {
                     return VmStop::Failed(format!(
