@@ -11,6 +11,7 @@ use std::os::fd::{AsRawFd, RawFd};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 use virtio_queue::{Queue, QueueOwnedT, QueueT, Writer};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
@@ -197,6 +198,7 @@ impl VirtioDevice for Vsock {
             reset_evt: self.reset_evt.clone(),
             epoll,
             event_pending: false,
+            reset_unacked_until: None,
             tx_stalled: false,
             used_added: false,
         };
@@ -243,6 +245,10 @@ impl Drop for Vsock {
     }
 }
 
+/// How long the device holds host-to-guest packets back waiting for the guest to handle a
+/// transport reset (see `Worker::reset_unacked_until`).
+const RESET_ACK_TIMEOUT: Duration = Duration::from_secs(2);
+
 // epoll tokens of the worker.
 const TOKEN_RXQ: u64 = 0;
 const TOKEN_TXQ: u64 = 1;
@@ -263,6 +269,12 @@ struct Worker {
     epoll: Epoll,
     /// A transport reset event waits for a buffer on the event queue.
     event_pending: bool,
+    /// Set once a transport reset event is in the guest's hands, until the guest acknowledges it
+    /// (its driver refills the event buffer and kicks the event queue after resetting its
+    /// sockets), or until this deadline. Meanwhile nothing goes to the guest's rx queue: a
+    /// connection request delivered before the guest handles the reset would be established and
+    /// then silently reset by it, leaving the host client waiting for an answer that never comes.
+    reset_unacked_until: Option<Instant>,
     /// Tx processing paused because the muxer's rx backlog is full.
     tx_stalled: bool,
     /// Used buffers added since the last interrupt.
@@ -303,7 +315,18 @@ impl Worker {
         self.process_queues();
         let mut events = [EpollEvent::default(); 16];
         loop {
-            let n = match self.epoll.wait(self.muxer.next_timeout_ms(), &mut events) {
+            let timeout = match self.reset_unacked_until {
+                None => self.muxer.next_timeout_ms(),
+                Some(until) => {
+                    let left = until.saturating_duration_since(Instant::now());
+                    let left = i32::try_from(left.as_millis() + 1).unwrap_or(i32::MAX);
+                    match self.muxer.next_timeout_ms() {
+                        -1 => left,
+                        t => t.min(left),
+                    }
+                }
+            };
+            let n = match self.epoll.wait(timeout, &mut events) {
                 Ok(n) => n,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => {
@@ -316,7 +339,12 @@ impl Worker {
                     TOKEN_STOP => return (self.muxer, self.queues),
                     TOKEN_RXQ => drain(&self.queue_events[RXQ]),
                     TOKEN_TXQ => drain(&self.queue_events[TXQ]),
-                    TOKEN_EVQ => drain(&self.queue_events[EVQ]),
+                    TOKEN_EVQ => {
+                        drain(&self.queue_events[EVQ]);
+                        if self.reset_unacked_until.take().is_some() {
+                            tracing::debug!("vsock: the guest handled the transport reset");
+                        }
+                    }
                     TOKEN_RESET => {
                         drain(&self.reset_evt);
                         tracing::info!("vsock: transport reset");
@@ -336,9 +364,19 @@ impl Worker {
     }
 
     fn process_queues(&mut self) {
+        if let Some(until) = self.reset_unacked_until {
+            if Instant::now() >= until {
+                tracing::warn!(
+                    "vsock: the guest did not acknowledge the transport reset within {RESET_ACK_TIMEOUT:?}; going on"
+                );
+                self.reset_unacked_until = None;
+            }
+        }
         loop {
             self.process_tx();
-            self.process_rx();
+            if self.reset_unacked_until.is_none() {
+                self.process_rx();
+            }
             // Draining rx may have made room for the tx packets we held back.
             if !self.tx_stalled || self.muxer.rx_backlog_full() {
                 break;
@@ -429,6 +467,7 @@ impl Worker {
             match written {
                 Ok(n) => {
                     self.event_pending = false;
+                    self.reset_unacked_until = Some(Instant::now() + RESET_ACK_TIMEOUT);
                     self.add_used(EVQ, head, n as u32);
                 }
                 Err(e) => {

@@ -476,8 +476,85 @@ fn transport_reset_drops_connections_and_notifies_the_guest() {
     // The host side of the dropped connection sees it closed.
     let mut buf = [0u8; 8];
     assert_eq!(host.read(&mut buf).unwrap(), 0);
-    // New connections work after the reset.
+    // The guest handled the reset: it gives the event buffer back. New connections work.
+    guest.ev.offer(&[(&[0xff; 4], 4)], true);
+    guest.kick(EVQ);
     let (_host, _) = connect_from_host(&mut guest, &path);
+}
+
+/// Delivers a transport reset and waits until the guest has it.
+fn deliver_transport_reset(guest: &mut TestGuest, handle: &VsockHandle) {
+    guest.ev.offer(&[(&[0xff; 4], 4)], true);
+    guest.kick(EVQ);
+    handle.transport_reset().unwrap();
+    let deadline = Instant::now() + DEADLINE;
+    while guest.ev.pop_used().is_none() {
+        guest.wait_interrupt(deadline);
+    }
+}
+
+/// Whether an rx buffer comes back used within `window`.
+fn rx_used_within(guest: &mut TestGuest, window: Duration) -> bool {
+    let deadline = Instant::now() + window;
+    loop {
+        if guest.rx.mock.used().idx().load() != guest.rx.used_seen {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        let left = deadline.saturating_duration_since(Instant::now());
+        let mut events = [EpollEvent::default(); 1];
+        let _ = guest
+            .irq_poll
+            .wait(left.as_millis() as i32 + 1, &mut events);
+        let _ = guest.interrupt.evt.read();
+    }
+}
+
+#[test]
+fn host_connections_wait_until_the_guest_handled_a_transport_reset() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("v.sock");
+    let mem = guest_memory();
+    let mut dev = Vsock::new(GUEST_CID, path.clone()).unwrap();
+    let handle = dev.handle();
+    let mut guest = TestGuest::new(&mem);
+    guest.activate(&mut dev);
+    deliver_transport_reset(&mut guest, &handle);
+
+    // A host client connects before the guest has handled the reset: its request is held back
+    // (delivered now, the guest's reset would kill the new connection without a word).
+    let mut host = host_client(&path);
+    host.write_all(b"CONNECT 52\n").unwrap();
+    assert!(
+        !rx_used_within(&mut guest, Duration::from_millis(500)),
+        "a packet reached the guest before it acknowledged the reset"
+    );
+
+    // The guest's driver refills the event queue and kicks it once the reset is done.
+    guest.ev.offer(&[(&[0xff; 4], 4)], true);
+    guest.kick(EVQ);
+    let (req, _) = guest.recv();
+    assert_eq!((req.op, req.dst_port), (OP_REQUEST, 52));
+    guest.send(guest_hdr(OP_RESPONSE, 52, req.src_port), &[]);
+    assert_eq!(read_line(&mut host), format!("OK {}", req.src_port));
+}
+
+#[test]
+fn a_guest_that_never_acknowledges_a_reset_still_gets_connections() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("v.sock");
+    let mem = guest_memory();
+    let mut dev = Vsock::new(GUEST_CID, path.clone()).unwrap();
+    let handle = dev.handle();
+    let mut guest = TestGuest::new(&mem);
+    guest.activate(&mut dev);
+    deliver_transport_reset(&mut guest, &handle);
+    // No acknowledgement: after the device's grace period the request goes through anyway.
+    let started = Instant::now();
+    let (_host, _) = connect_from_host(&mut guest, &path);
+    assert!(started.elapsed() >= RESET_ACK_TIMEOUT - Duration::from_millis(100));
 }
 
 #[test]
