@@ -10,14 +10,14 @@ ms() { awk '{printf "%d", $1 * 1000}' /proc/uptime; }
 echo "== boot the template in host-agent (stock Debian kernel, guest-envd as PID 1)"
 t0=$(ms)
 $agent run --template "$template" --vsock-uds "$work/tpl.sock" --console-log "$work/tpl.log" \
-  --control-sock "$work/tpl.ctl" 2>"$work/tpl.err" &
+  --api-sock "$work/tpl.api" 2>"$work/tpl.err" &
 tpl=$!
 $agent envd --connect "hvsock:$work/tpl.sock:49983" --wait-ms 180000 health
 t1=$(ms)
 echo "boot_to_envd_ready_ms: $((t1 - t0))"
 
 echo "== template snapshot (before any instance /init)"
-$agent ctl --control-sock "$work/tpl.ctl" snapshot --dir "$work/snap" --template --keep-paused
+$agent ctl --api-sock "$work/tpl.api" snapshot --dir "$work/snap" --template --keep-paused
 kill "$tpl" 2>/dev/null || true
 wait "$tpl" 2>/dev/null || true
 

@@ -180,15 +180,15 @@ fn qemu_snapshot(s: &Setup) {
 /// Boots host-agent, waits for envd, takes a template snapshot.
 fn agent_snapshot(s: &Setup) {
     let uds = s.work.join("tpl.sock");
-    let ctl = s.work.join("tpl.ctl");
+    let api = s.work.join("tpl.api");
     let child = spawn(Command::new(&s.agent).args([
         "run",
         "--template",
         &s.template.display().to_string(),
         "--vsock-uds",
         &uds.display().to_string(),
-        "--control-sock",
-        &ctl.display().to_string(),
+        "--api-sock",
+        &api.display().to_string(),
     ]));
     let addr = Address::HybridVsock {
         uds,
@@ -200,8 +200,8 @@ fn agent_snapshot(s: &Setup) {
             .expect("host-agent envd ready")
     });
     let status = Command::new(&s.agent)
-        .args(["ctl", "--control-sock"])
-        .arg(&ctl)
+        .args(["ctl", "--api-sock"])
+        .arg(&api)
         .args(["snapshot", "--template", "--keep-paused", "--dir"])
         .arg(&s.agent_snapshot)
         .stdout(Stdio::null())

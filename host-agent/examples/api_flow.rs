@@ -16,9 +16,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use http_body_util::{BodyExt, Full};
-use hyper::body::{Bytes, Incoming};
-use hyper_util::rt::TokioIo;
+use host_agent::api::client::{ApiClient, EventStream};
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
 use serde_json::{json, Value};
 
 const TOKEN: &str = "tok-SECRET-d41c";
@@ -47,17 +47,12 @@ async fn send(
     path: &str,
     body: Option<String>,
 ) -> anyhow::Result<(u16, Incoming)> {
-    let stream = tokio::net::UnixStream::connect(sock).await?;
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
-    tokio::spawn(conn);
-    let req = hyper::Request::builder()
-        .method(method)
-        .uri(path)
-        .header("host", "localhost")
-        .header("content-type", "application/json")
-        .body(Full::new(Bytes::from(body.unwrap_or_default())))?;
-    let response = sender.send_request(req).await?;
-    Ok((response.status().as_u16(), response.into_body()))
+    let method = hyper::Method::from_bytes(method.as_bytes())?;
+    // A body or not, the content type is JSON (an empty body counts as `{}`).
+    let (status, body) = ApiClient::new(sock)
+        .send(method, path, Some(body.unwrap_or_default()))
+        .await?;
+    Ok((status.as_u16(), body))
 }
 
 async fn call(sock: &Path, method: &str, path: &str, body: Option<Value>) -> (u16, Value) {
@@ -76,27 +71,11 @@ async fn call(sock: &Path, method: &str, path: &str, body: Option<Value>) -> (u1
     }
 }
 
-struct Events {
-    body: Incoming,
-    buf: Vec<u8>,
-}
+struct Events(EventStream);
 
 impl Events {
     async fn next(&mut self) -> Option<Value> {
-        loop {
-            if let Some(i) = self.buf.iter().position(|b| *b == b'\n') {
-                let line: Vec<u8> = self.buf.drain(..=i).collect();
-                return serde_json::from_slice(&line).ok();
-            }
-            match self.body.frame().await {
-                Some(Ok(frame)) => {
-                    if let Ok(data) = frame.into_data() {
-                        self.buf.extend_from_slice(&data);
-                    }
-                }
-                _ => return None,
-            }
-        }
+        self.0.next().await.ok().flatten()
     }
 
     async fn collect(mut self) -> (String, Value) {
@@ -114,13 +93,7 @@ impl Events {
 
 async fn exec(sock: &Path, body: Value) -> (u16, Option<Events>) {
     match send(sock, "POST", "/exec", Some(body.to_string())).await {
-        Ok((status, body)) => (
-            status,
-            Some(Events {
-                body,
-                buf: Vec::new(),
-            }),
-        ),
+        Ok((status, body)) => (status, Some(Events(EventStream::new(body)))),
         Err(_) => (0, None),
     }
 }

@@ -1,8 +1,8 @@
-//! host-agent: the host side of envd-rs: `run` boots a VM in our KVM VMM, `envd` talks to the envd
+//! host-agent: the host side of envd-rs: `run` boots a VM in our KVM VMM, `restore` starts one
+//! from a snapshot, `serve` is the orchestrator API, `ctl` its client, `envd` talks to the envd
 //! inside.
 
 mod cli_util;
-mod control;
 mod ctl_cli;
 mod envd_cli;
 mod restore_cli;
@@ -26,7 +26,8 @@ enum Command {
     Run(run_cli::RunArgs),
     /// Start a sandbox from a snapshot: restore, /init with instance env, serve until power-off.
     Restore(restore_cli::RestoreArgs),
-    /// Pause, resume or snapshot a running sandbox through its control socket.
+    /// Drive an agent through its API socket: health, metrics, pause, resume, snapshot, exec,
+    /// init, processes, signal, shutdown.
     Ctl(ctl_cli::CtlArgs),
     /// Serve the orchestrator API (HTTP/JSON on a Unix socket) for one sandbox.
     Serve(serve_cli::ServeArgs),

@@ -1,6 +1,7 @@
 //! `host-agent restore`: start a sandbox from a snapshot: restore the VM, wait for envd, deliver the
 //! instance `/init` (env, token, defaults, and a timestamp that steps the guest clock), optionally
-//! run a first command, print the timing breakdown, then serve until the guest powers off.
+//! run a first command, print the timing breakdown, then run (serving the orchestrator API for the
+//! sandbox with `--api-sock`) until the guest powers off.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -11,9 +12,8 @@ use anyhow::{bail, Context};
 use clap::Args;
 use envd_protocol::pb::{self, process_event::Event};
 use envd_protocol::{Address, Client};
+use host_agent::api;
 use host_agent::vmm::builder::{RestoreConfig, Vmm};
-
-use crate::control;
 
 #[derive(Args, Debug)]
 pub struct RestoreArgs {
@@ -25,9 +25,10 @@ pub struct RestoreArgs {
     vsock_uds: PathBuf,
     #[arg(long)]
     console_log: Option<PathBuf>,
-    /// Serve pause/resume/snapshot on this Unix socket.
+    /// Once the sandbox is ready, serve the orchestrator API (HTTP/JSON, as `host-agent serve`
+    /// does) for it on this Unix socket (created owner-only, removed on exit); see `host-agent ctl`.
     #[arg(long)]
-    control_sock: Option<PathBuf>,
+    api_sock: Option<PathBuf>,
     /// Instance env for /init.
     #[arg(long = "env", value_parser = parse_key_value)]
     env: Vec<(String, String)>,
@@ -53,6 +54,9 @@ pub struct RestoreArgs {
 use crate::cli_util::parse_key_value;
 
 pub fn run(args: RestoreArgs) -> anyhow::Result<i32> {
+    if let Some(path) = &args.api_sock {
+        api::check_not_in_use(path)?;
+    }
     let started = Instant::now();
     let vmm = Vmm::restore(&RestoreConfig {
         snapshot_dir: args.snapshot.clone(),
@@ -74,9 +78,6 @@ pub fn run(args: RestoreArgs) -> anyhow::Result<i32> {
         uds: args.vsock_uds.clone(),
         port: args.envd_port,
     };
-    if let Some(path) = &args.control_sock {
-        control::serve(path, vm.clone(), Some(addr.clone()))?;
-    }
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
@@ -111,6 +112,8 @@ pub fn run(args: RestoreArgs) -> anyhow::Result<i32> {
         let status = first_exec(&client, &args.first_exec, started, &mut timings).await?;
         anyhow::Ok(Some(status))
     })?;
+    // Nothing more runs on this runtime (the API, if any, has its own).
+    drop(runtime);
 
     let line: Vec<String> = timings
         .iter()
@@ -134,9 +137,27 @@ pub fn run(args: RestoreArgs) -> anyhow::Result<i32> {
     if let Some(status) = first_exec {
         eprintln!("host-agent: first command exited with {status}");
     }
-    eprintln!("host-agent: sandbox ready");
-
-    crate::cli_util::wait_for_exit(&vm)
+    let Some(path) = &args.api_sock else {
+        eprintln!("host-agent: sandbox ready");
+        return crate::cli_util::wait_for_exit(&vm);
+    };
+    // The API takes the sandbox over, talking to envd with the token /init just set.
+    let state = api::new_state_with_vm(
+        api::ServeConfig {
+            vsock_uds: args.vsock_uds.clone(),
+            console_log: args.console_log.clone(),
+            envd_port: args.envd_port,
+            attach_envd: None,
+        },
+        vm,
+        addr,
+        args.access_token.clone(),
+    );
+    state.record_start(api::StartKind::Restore, timings);
+    // "sandbox ready" once the socket is bound: scripts wait for that line, then use the API.
+    crate::cli_util::serve_api_until_exit(path, state, || {
+        eprintln!("host-agent: sandbox ready");
+    })
 }
 
 /// Sends /init, reconnecting and retrying with the same request (same timestamp) until it is

@@ -1,5 +1,6 @@
 //! `host-agent run`: boot a template (or a kernel and initrd) in our VMM, wait for envd over vsock,
-//! and run until the guest powers off.
+//! optionally serve the orchestrator API for the VM (`--api-sock`), and run until the guest powers
+//! off.
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -7,6 +8,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use clap::Args;
 use envd_protocol::{Address, Client};
+use host_agent::api;
 use host_agent::vmm::builder::{VmConfig, Vmm, VsockConfig};
 
 #[derive(Args, Debug)]
@@ -38,9 +40,10 @@ pub struct RunArgs {
     /// envd's vsock port.
     #[arg(long, default_value_t = envd_protocol::DEFAULT_VSOCK_PORT)]
     envd_port: u32,
-    /// Serve pause/resume/snapshot on this Unix socket (see `host-agent ctl`).
-    #[arg(long)]
-    control_sock: Option<PathBuf>,
+    /// Serve the orchestrator API (HTTP/JSON, as `host-agent serve` does) for this VM on this Unix
+    /// socket (created owner-only, removed on exit); see `host-agent ctl`.
+    #[arg(long, requires = "vsock_uds")]
+    api_sock: Option<PathBuf>,
     /// Fail when envd has not answered this many milliseconds after start (0: do not wait for it).
     #[arg(long, default_value_t = 120_000)]
     envd_timeout_ms: u64,
@@ -62,6 +65,9 @@ fn template_config(dir: &Path) -> anyhow::Result<(PathBuf, PathBuf, String)> {
 }
 
 pub fn run(args: RunArgs) -> anyhow::Result<i32> {
+    if let Some(path) = &args.api_sock {
+        api::check_not_in_use(path)?;
+    }
     let (kernel, initrd, cmdline) = match &args.template {
         Some(dir) => {
             let (k, i, c) = template_config(dir)?;
@@ -93,17 +99,39 @@ pub fn run(args: RunArgs) -> anyhow::Result<i32> {
     let vmm = Vmm::build(&config)?;
     let build_time = vmm.timings.last().map(|(_, d)| *d).unwrap_or_default();
     let vm = std::sync::Arc::new(vmm.start()?);
+    let vcpus_running = started.elapsed();
     eprintln!(
         "host-agent: VM built in {} ms, vCPUs running",
         build_time.as_millis()
     );
-    if let Some(path) = &args.control_sock {
-        let envd = args.vsock_uds.clone().map(|uds| Address::HybridVsock {
-            uds,
-            port: args.envd_port,
-        });
-        crate::control::serve(path, vm.clone(), envd)?;
-    }
+    // The API takes the VM over (and is then its only waiter).
+    let api = match (&args.api_sock, &args.vsock_uds) {
+        (Some(path), Some(uds)) => {
+            let state = api::new_state_with_vm(
+                api::ServeConfig {
+                    vsock_uds: uds.clone(),
+                    console_log: args.console_log.clone(),
+                    envd_port: args.envd_port,
+                    attach_envd: None,
+                },
+                vm.clone(),
+                Address::HybridVsock {
+                    uds: uds.clone(),
+                    port: args.envd_port,
+                },
+                None,
+            );
+            state.record_start(
+                api::StartKind::Boot,
+                vec![(
+                    "vcpus_running".to_string(),
+                    vcpus_running.as_secs_f64() * 1000.0,
+                )],
+            );
+            Some((path.clone(), state))
+        }
+        _ => None,
+    };
 
     if let (Some(uds), true) = (&args.vsock_uds, args.envd_timeout_ms > 0) {
         let addr = Address::HybridVsock {
@@ -111,25 +139,34 @@ pub fn run(args: RunArgs) -> anyhow::Result<i32> {
             port: args.envd_port,
         };
         let deadline = Duration::from_millis(args.envd_timeout_ms);
+        let api_sock = args.api_sock.clone();
         std::thread::Builder::new()
             .name("envd-wait".into())
-            .spawn(move || wait_for_envd(addr, started, deadline))?;
+            .spawn(move || wait_for_envd(addr, started, deadline, api_sock))?;
     }
 
-    crate::cli_util::wait_for_exit(&vm)
+    match api {
+        Some((path, state)) => crate::cli_util::serve_api_until_exit(&path, state, || {}),
+        None => crate::cli_util::wait_for_exit(&vm),
+    }
 }
 
-/// Waits for envd's health answer; a guest whose envd never answers ends the run with an error.
-fn wait_for_envd(addr: Address, started: Instant, deadline: Duration) {
+/// Waits for envd's health answer; a guest whose envd never answers ends the run with an error
+/// (removing the API socket, if any).
+fn wait_for_envd(addr: Address, started: Instant, deadline: Duration, api_sock: Option<PathBuf>) {
+    let fail = |message: String| -> ! {
+        eprintln!("host-agent: {message}");
+        if let Some(path) = &api_sock {
+            let _ = std::fs::remove_file(path);
+        }
+        std::process::exit(1);
+    };
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
     {
         Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("host-agent: cannot start the async runtime: {e}");
-            std::process::exit(1);
-        }
+        Err(e) => fail(format!("cannot start the async runtime: {e}")),
     };
     let ready = runtime.block_on(Client::connect_when_ready(
         &addr,
@@ -141,9 +178,6 @@ fn wait_for_envd(addr: Address, started: Instant, deadline: Duration) {
             "host-agent: envd ready {} ms after start",
             started.elapsed().as_millis()
         ),
-        Err(e) => {
-            eprintln!("host-agent: {e}; stopping the VM");
-            std::process::exit(1);
-        }
+        Err(e) => fail(format!("{e}; stopping the VM")),
     }
 }

@@ -5,128 +5,31 @@
 //! init, processes and signals, errors, secrets kept out of logs, metrics and error bodies,
 //! shutdown. The same flow against a VM runs in the harness (`examples/api_flow.rs`).
 
+mod common;
+
 use std::collections::BTreeSet;
 use std::os::unix::fs::PermissionsExt;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
+use std::process::Command;
 use std::time::{Duration, Instant};
 
-use http_body_util::{BodyExt, Full};
-use hyper::body::{Bytes, Incoming};
-use hyper_util::rt::TokioIo;
+use common::start_agent;
+use host_agent::api::client::{ApiClient, EventStream};
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
 use serde_json::{json, Value};
 
 const TOKEN: &str = "tok-SECRET-7c1f9a";
 const ENV_SECRET: &str = "env-SECRET-42b7e0";
 
-struct Agent {
-    child: Child,
-    sock: PathBuf,
-    log: PathBuf,
-    _envd: Option<Child>,
-    _dir: tempfile::TempDir,
-}
-
-impl Drop for Agent {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        if let Some(envd) = &mut self._envd {
-            let _ = envd.kill();
-            let _ = envd.wait();
-        }
-    }
-}
-
-fn wait_for_socket(path: &Path) {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while std::os::unix::net::UnixStream::connect(path).is_err() {
-        assert!(
-            Instant::now() < deadline,
-            "{} never answered",
-            path.display()
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
-/// The guest-envd binary of this workspace (built by `cargo test --workspace`; built here when
-/// missing).
-fn guest_envd() -> PathBuf {
-    let target = std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target"));
-    let bin = target.join("debug/guest-envd");
-    if !bin.exists() {
-        let status = Command::new(env!("CARGO"))
-            .args(["build", "-q", "-p", "guest-envd"])
-            .current_dir(env!("CARGO_MANIFEST_DIR"))
-            .status()
-            .expect("cargo build -p guest-envd");
-        assert!(status.success());
-    }
-    bin
-}
-
-fn start_agent(with_envd: bool) -> Agent {
-    let dir = tempfile::tempdir().unwrap();
-    let sock = dir.path().join("api.sock");
-    let log = dir.path().join("agent.log");
-    let mut envd = None;
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_host-agent"));
-    cmd.arg("serve").arg("--api-sock").arg(&sock);
-    if with_envd {
-        let envd_sock = dir.path().join("envd.sock");
-        let envd_log = std::fs::File::create(dir.path().join("envd.log")).unwrap();
-        envd = Some(
-            Command::new(guest_envd())
-                .arg("--listen")
-                .arg(format!("unix:{}", envd_sock.display()))
-                .env("ENVD_LOG", "debug")
-                .stdout(Stdio::null())
-                .stderr(envd_log)
-                .spawn()
-                .unwrap(),
-        );
-        wait_for_socket(&envd_sock);
-        cmd.arg("--attach-envd")
-            .arg(format!("unix:{}", envd_sock.display()));
-    }
-    let child = cmd
-        .env("HOST_AGENT_LOG", "debug")
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&log).unwrap())
-        .spawn()
-        .unwrap();
-    wait_for_socket(&sock);
-    Agent {
-        child,
-        sock,
-        log,
-        _envd: envd,
-        _dir: dir,
-    }
-}
-
 /// Sends one request on a new connection; returns the status and the streaming body.
 async fn send(sock: &Path, method: &str, path: &str, body: Option<&str>) -> (u16, Incoming) {
-    let stream = tokio::net::UnixStream::connect(sock).await.unwrap();
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+    let method = hyper::Method::from_bytes(method.as_bytes()).unwrap();
+    let (status, body) = ApiClient::new(sock)
+        .send(method, path, body.map(str::to_string))
         .await
         .unwrap();
-    tokio::spawn(conn);
-    let mut req = hyper::Request::builder()
-        .method(method)
-        .uri(path)
-        .header("host", "localhost");
-    if body.is_some() {
-        req = req.header("content-type", "application/json");
-    }
-    let req = req
-        .body(Full::new(Bytes::from(body.unwrap_or("").to_string())))
-        .unwrap();
-    let response = sender.send_request(req).await.unwrap();
-    (response.status().as_u16(), response.into_body())
+    (status.as_u16(), body)
 }
 
 async fn call(sock: &Path, method: &str, path: &str, body: Option<&str>) -> (u16, Value) {
@@ -141,28 +44,12 @@ async fn call(sock: &Path, method: &str, path: &str, body: Option<&str>) -> (u16
     (status, value)
 }
 
-/// Reads NDJSON events from an exec stream, with the time each arrived.
-struct Events {
-    body: Incoming,
-    buf: Vec<u8>,
-}
+/// Reads NDJSON events from an exec stream.
+struct Events(EventStream);
 
 impl Events {
     async fn next(&mut self) -> Option<Value> {
-        loop {
-            if let Some(i) = self.buf.iter().position(|b| *b == b'\n') {
-                let line: Vec<u8> = self.buf.drain(..=i).collect();
-                return Some(serde_json::from_slice(&line).expect("an NDJSON line"));
-            }
-            match self.body.frame().await {
-                Some(Ok(frame)) => {
-                    if let Ok(data) = frame.into_data() {
-                        self.buf.extend_from_slice(&data);
-                    }
-                }
-                _ => return None,
-            }
-        }
+        self.0.next().await.expect("an NDJSON line")
     }
 
     /// All events to the end: (stdout, stderr, end event).
@@ -183,13 +70,7 @@ impl Events {
 
 async fn exec(sock: &Path, body: Value) -> (u16, Events) {
     let (status, body) = send(sock, "POST", "/exec", Some(&body.to_string())).await;
-    (
-        status,
-        Events {
-            body,
-            buf: Vec::new(),
-        },
-    )
+    (status, Events(EventStream::new(body)))
 }
 
 async fn assert_healthy(sock: &Path) {

@@ -3,6 +3,7 @@
 //! and signal processes, pause, resume, snapshot, shut down, and read health and metrics.
 //! `host-agent/openapi.yaml` describes it; a test checks [`ROUTES`] against that file.
 
+pub mod client;
 pub mod error;
 mod handlers;
 pub mod metrics;
@@ -18,7 +19,7 @@ use axum::response::Response;
 use axum::routing::{get, post};
 use axum::Router;
 
-pub use sandbox::{new_state, AppState, ServeConfig};
+pub use sandbox::{new_state, new_state_with_vm, AppState, ServeConfig, StartKind, VmExit};
 
 /// Every operation the server answers, as (method, path) in OpenAPI's path syntax.
 pub const ROUTES: &[(&str, &str)] = &[
@@ -66,14 +67,21 @@ pub fn router(state: AppState) -> Router {
         .with_state(state)
 }
 
+/// Fails when another agent answers on the socket `path` (a stale socket file is fine: [`bind`]
+/// replaces it). Lets `run` and `restore` refuse before they create a VM.
+pub fn check_not_in_use(path: &Path) -> anyhow::Result<()> {
+    if path.exists() && std::os::unix::net::UnixStream::connect(path).is_ok() {
+        anyhow::bail!("API socket {} is in use by a live process", path.display());
+    }
+    Ok(())
+}
+
 /// Binds the API socket with owner-only permissions. A stale socket file is replaced; a live one
 /// (another agent answers on it) is an error.
 pub fn bind(path: &Path) -> anyhow::Result<tokio::net::UnixListener> {
     use anyhow::Context;
     if path.exists() {
-        if std::os::unix::net::UnixStream::connect(path).is_ok() {
-            anyhow::bail!("API socket {} is in use by a live process", path.display());
-        }
+        check_not_in_use(path)?;
         std::fs::remove_file(path).with_context(|| format!("removing stale {}", path.display()))?;
     }
     // The socket file is created 0600 (no window where others could connect), then made sure of.

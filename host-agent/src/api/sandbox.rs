@@ -39,8 +39,8 @@ pub struct Sandbox {
     vm: Option<Arc<RunningVm>>,
     addr: Address,
     token: Mutex<Option<Secret>>,
-    /// Why the VM stopped, once it has.
-    stopped: watch::Receiver<Option<String>>,
+    /// How the VM ended, once it has (a failure as its message).
+    stopped: watch::Receiver<Option<VmExit>>,
     metrics: Arc<Metrics>,
     /// Set by resume: the guest handles the vsock transport reset of a snapshot (or stale
     /// connections) only once it runs again, and a connection made in that moment can be reset.
@@ -54,26 +54,39 @@ pub struct EnvdConn {
     _open: GaugeGuard,
 }
 
+/// How a VM ended: the guest stopped it, or it failed (the error's message).
+pub type VmExit = Result<GuestExit, String>;
+
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
+fn exit_reason(exit: &VmExit) -> String {
+    match exit {
+        Ok(GuestExit::PowerOff) => "power_off".to_string(),
+        Ok(GuestExit::Reset) => "reset".to_string(),
+        Err(e) => format!("failed: {e}"),
+    }
+}
+
 impl Sandbox {
-    fn new(vm: Option<Arc<RunningVm>>, addr: Address, metrics: Arc<Metrics>) -> Arc<Self> {
+    fn new(
+        vm: Option<Arc<RunningVm>>,
+        addr: Address,
+        token: Option<Secret>,
+        metrics: Arc<Metrics>,
+    ) -> Arc<Self> {
         let (tx, rx) = watch::channel(None);
         if let Some(vm) = &vm {
             let vm = vm.clone();
-            // RunningVm::wait blocks until the guest stops the VM.
+            // RunningVm::wait blocks until the guest stops the VM. This thread is the VM's only
+            // waiter: everyone else learns how it ended through the watch channel.
             let _ = std::thread::Builder::new()
                 .name("vm-wait".into())
                 .spawn(move || {
-                    let reason = match vm.wait() {
-                        Ok(GuestExit::PowerOff) => "power_off".to_string(),
-                        Ok(GuestExit::Reset) => "reset".to_string(),
-                        Err(e) => format!("failed: {e}"),
-                    };
-                    tracing::info!(%reason, "the VM stopped");
-                    let _ = tx.send(Some(reason));
+                    let exit = vm.wait().map_err(|e| e.to_string());
+                    tracing::info!(reason = %exit_reason(&exit), "the VM stopped");
+                    let _ = tx.send(Some(exit));
                 });
         } else {
             // Keep the sender alive so that the receiver never reports a stop.
@@ -82,15 +95,35 @@ impl Sandbox {
         Arc::new(Sandbox {
             vm,
             addr,
-            token: Mutex::new(None),
+            token: Mutex::new(token),
             stopped: rx,
             metrics,
             probe_next: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
+    /// Why the VM stopped ("power_off", "reset", "failed: ..."), once it has.
     pub fn stop_reason(&self) -> Option<String> {
+        self.stopped.borrow().as_ref().map(exit_reason)
+    }
+
+    /// How the VM ended, once it has.
+    pub fn vm_exit(&self) -> Option<VmExit> {
         self.stopped.borrow().clone()
+    }
+
+    /// Waits until the VM stops (never, for an attached envd without a VM).
+    pub async fn stopped(&self) -> VmExit {
+        let mut stopped = self.stopped.clone();
+        loop {
+            if let Some(exit) = stopped.borrow_and_update().clone() {
+                return exit;
+            }
+            if stopped.changed().await.is_err() {
+                // The waiter thread is gone without a word (it could not be started).
+                return Err("the VM's waiter thread ended".to_string());
+            }
+        }
     }
 
     /// "running", "paused", "stopped", or "none" for an attached envd without a VM.
@@ -269,29 +302,73 @@ impl Sandbox {
     }
 }
 
+/// What created a VM, for the metrics' timing breakdown.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StartKind {
+    Boot,
+    Restore,
+}
+
+impl StartKind {
+    fn name(self) -> &'static str {
+        match self {
+            StartKind::Boot => "boot",
+            StartKind::Restore => "restore",
+        }
+    }
+}
+
 /// The agent's state, shared by all requests.
 pub struct Shared {
     pub config: ServeConfig,
     pub metrics: Arc<Metrics>,
     sandbox: Mutex<Option<Arc<Sandbox>>>,
     lifecycle: tokio::sync::Mutex<()>,
+    /// The agent was started with its VM (`host-agent run` or `restore`): it serves that VM only
+    /// and never creates another one.
+    adopted: bool,
     /// Notified when the agent should exit (after POST /shutdown).
     pub exit: tokio::sync::Notify,
 }
 
 pub type AppState = Arc<Shared>;
 
+/// The state of an agent that starts with no VM (`host-agent serve`), or with an attached envd.
 pub fn new_state(config: ServeConfig) -> AppState {
     let metrics = Arc::new(Metrics::default());
     let sandbox = config
         .attach_envd
         .clone()
-        .map(|addr| Sandbox::new(None, addr, metrics.clone()));
+        .map(|addr| Sandbox::new(None, addr, None, metrics.clone()));
     Arc::new(Shared {
         config,
         metrics,
         sandbox: Mutex::new(sandbox),
         lifecycle: tokio::sync::Mutex::new(()),
+        adopted: false,
+        exit: tokio::sync::Notify::new(),
+    })
+}
+
+/// The state of an agent serving a VM it already runs (`host-agent run` or `restore
+/// --api-sock`): envd is at `envd`, and `token` is the access token envd already has (from the
+/// restore's /init), if any. `POST /boot` and `POST /restore` answer 409 `vm_exists`, even once the
+/// VM stopped. The VM's end is waited for here: use [`Shared::vm_stopped`], not
+/// [`RunningVm::wait`].
+pub fn new_state_with_vm(
+    config: ServeConfig,
+    vm: Arc<RunningVm>,
+    envd: Address,
+    token: Option<String>,
+) -> AppState {
+    let metrics = Arc::new(Metrics::default());
+    let sandbox = Sandbox::new(Some(vm), envd, token.map(Secret), metrics.clone());
+    Arc::new(Shared {
+        config,
+        metrics,
+        sandbox: Mutex::new(Some(sandbox)),
+        lifecycle: tokio::sync::Mutex::new(()),
+        adopted: true,
         exit: tokio::sync::Notify::new(),
     })
 }
@@ -335,6 +412,12 @@ impl Shared {
 
     /// Refuses to create a VM when one exists (a stopped one is replaced).
     fn check_no_vm(&self) -> Result<(), ApiError> {
+        if self.adopted {
+            return Err(ApiError::conflict(
+                "vm_exists",
+                "this agent was started with its VM (host-agent run or restore); it serves that VM only",
+            ));
+        }
         match self.sandbox() {
             Some(s) if s.vm.is_none() => Err(ApiError::conflict(
                 "vm_exists",
@@ -355,8 +438,36 @@ impl Shared {
         }
     }
 
+    /// How the VM ended, once it has (None while it runs, or when there is no VM).
+    pub fn vm_exit(&self) -> Option<VmExit> {
+        self.sandbox().and_then(|s| s.vm_exit())
+    }
+
+    /// Waits until the sandbox's VM stops (never, without a VM).
+    pub async fn vm_stopped(&self) -> VmExit {
+        match self.sandbox() {
+            Some(s) if s.vm.is_some() => s.stopped().await,
+            _ => std::future::pending().await,
+        }
+    }
+
+    /// Records the timing breakdown of the boot or restore that created an adopted VM (see
+    /// [`new_state_with_vm`]) and counts it, as `POST /boot` and `/restore` do for theirs.
+    pub fn record_start(&self, kind: StartKind, steps_ms: Vec<(String, f64)>) {
+        match kind {
+            StartKind::Boot => inc(&self.metrics.boots),
+            StartKind::Restore => inc(&self.metrics.restores),
+        }
+        self.record_timings(kind.name(), steps_ms);
+    }
+
     fn install(&self, vm: RunningVm) -> Arc<Sandbox> {
-        let sandbox = Sandbox::new(Some(Arc::new(vm)), self.envd_addr(), self.metrics.clone());
+        let sandbox = Sandbox::new(
+            Some(Arc::new(vm)),
+            self.envd_addr(),
+            None,
+            self.metrics.clone(),
+        );
         *lock(&self.sandbox) = Some(sandbox.clone());
         sandbox
     }
@@ -597,5 +708,55 @@ impl Shared {
             "vm_exit": reason,
             "clean": asked.is_ok() && waited.is_ok(),
         }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An agent started with its VM (`run` / `restore --api-sock`), here without the VM itself
+    /// (that needs KVM): creating another one is refused before anything is tried.
+    #[tokio::test]
+    async fn an_agent_started_with_its_vm_never_creates_another() {
+        let state = Arc::new(Shared {
+            config: ServeConfig {
+                vsock_uds: PathBuf::from("/nonexistent/v.sock"),
+                console_log: None,
+                envd_port: envd_protocol::DEFAULT_VSOCK_PORT,
+                attach_envd: None,
+            },
+            metrics: Arc::new(Metrics::default()),
+            sandbox: Mutex::new(None),
+            lifecycle: tokio::sync::Mutex::new(()),
+            adopted: true,
+            exit: tokio::sync::Notify::new(),
+        });
+        let boot: BootRequest = serde_json::from_str(r#"{"template_dir": "/t"}"#).unwrap();
+        let e = state.boot(boot).await.unwrap_err();
+        assert_eq!(
+            (e.status, e.code),
+            (axum::http::StatusCode::CONFLICT, "vm_exists")
+        );
+        let restore: RestoreRequest =
+            serde_json::from_str(r#"{"snapshot_dir": "/nonexistent"}"#).unwrap();
+        let e = state.restore(restore).await.unwrap_err();
+        assert_eq!(
+            (e.status, e.code),
+            (axum::http::StatusCode::CONFLICT, "vm_exists")
+        );
+        assert_eq!(
+            state
+                .metrics
+                .boots
+                .load(std::sync::atomic::Ordering::Relaxed),
+            0
+        );
+
+        state.record_start(StartKind::Restore, vec![("init_done".into(), 12.34)]);
+        let m = state.metrics.snapshot();
+        assert_eq!(m["lifecycle"]["restores"], 1);
+        assert_eq!(m["last_start"]["kind"], "restore");
+        assert_eq!(m["last_start"]["steps_ms"]["init_done"], 12.3);
     }
 }

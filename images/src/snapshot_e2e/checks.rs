@@ -63,6 +63,17 @@ fn json_of(text: &str) -> Option<serde_json::Value> {
         .find_map(|l| serde_json::from_str::<serde_json::Value>(l.trim()).ok())
 }
 
+/// The VM's state in `host-agent ctl health`'s answer ("running", "paused", ...; "?" when it has
+/// none).
+fn vm_state(stdout: &str) -> String {
+    json_of(stdout)
+        .as_ref()
+        .and_then(|v| v.get("vm"))
+        .and_then(|v| v.as_str())
+        .unwrap_or("?")
+        .to_string()
+}
+
 fn field(v: &Option<serde_json::Value>, key: &str) -> String {
     v.as_ref()
         .and_then(|v| v.get(key))
@@ -302,13 +313,12 @@ impl Run {
         if field(&meta, "kind") != "\"template\"" {
             return Err(format!("snapshot.json kind is {}", field(&meta, "kind")));
         }
-        let status = vm.ctl(env, &["status"], Duration::from_secs(20));
-        let status_json = json_of(&status.stdout);
-        if field(&status_json, "paused") != "false" {
+        let health = vm.ctl(env, &["health"], Duration::from_secs(20));
+        if vm_state(&health.stdout) != "running" {
             return Err(format!(
-                "after the snapshot the VM is not running: status {:?} {}",
-                status.stdout.trim(),
-                status.why()
+                "after the snapshot the VM is not running: health {:?} {}",
+                health.stdout.trim(),
+                health.why()
             ));
         }
         let stopped = vm.shutdown(env, Duration::from_secs(60))?;
@@ -523,17 +533,17 @@ impl Run {
         if !out.ok() {
             return Err(format!("ctl pause: {}", out.why()));
         }
-        let status = c.sb.ctl(env, &["status"], t);
-        if field(&json_of(&status.stdout), "paused") != "true" {
-            return Err(format!("status after pause: {:?}", status.stdout.trim()));
+        let health = c.sb.ctl(env, &["health"], t);
+        if vm_state(&health.stdout) != "paused" {
+            return Err(format!("health after pause: {:?}", health.stdout.trim()));
         }
         let out = c.sb.ctl(env, &["resume"], t);
         if !out.ok() {
             return Err(format!("ctl resume: {}", out.why()));
         }
-        let status = c.sb.ctl(env, &["status"], t);
-        if field(&json_of(&status.stdout), "paused") != "false" {
-            return Err(format!("status after resume: {:?}", status.stdout.trim()));
+        let health = c.sb.ctl(env, &["health"], t);
+        if vm_state(&health.stdout) != "running" {
+            return Err(format!("health after resume: {:?}", health.stdout.trim()));
         }
         let out = c.sb.sh(env, ECHO_ENV, Duration::from_secs(60));
         if !out.ok() || out.stdout.trim() != c.expected() {
@@ -545,7 +555,7 @@ impl Run {
             ));
         }
         Ok(format!(
-            "clone {}: paused (status paused=true), resumed, exec shows {:?}",
+            "clone {}: paused (health vm=paused), resumed (vm=running), exec shows {:?}",
             c.id,
             out.stdout.trim()
         ))
@@ -1233,8 +1243,8 @@ impl Run {
             &p(&run.join("v.sock")),
             "--console-log",
             &p(&run.join("console.log")),
-            "--control-sock",
-            &p(&run.join("ctl.sock")),
+            "--api-sock",
+            &p(&run.join("api.sock")),
             "--timings-json",
             &p(&run.join("timings.json")),
             "--env",
@@ -1318,6 +1328,11 @@ mod tests {
         assert_eq!(field(&v, "took_ms"), "12");
         assert_eq!(field(&v, "paused"), "false");
         assert_eq!(field(&v, "nope"), "?");
+        assert_eq!(
+            vm_state("{\"status\":\"ok\",\"vm\":\"paused\",\"version\":\"0.1.0\"}\n"),
+            "paused"
+        );
+        assert_eq!(vm_state("host-agent: POST /pause: 409 no_vm: ...\n"), "?");
         assert_eq!(median(&[3.0, 1.0, 2.0]), Some(2.0));
     }
 }

@@ -1,5 +1,6 @@
 //! One host-agent sandbox (`run` or `restore`) driven through the host-agent CLI: its own vsock,
-//! control socket, console log and timings file in its own directory.
+//! API socket (`--api-sock`, driven with `host-agent ctl`), console log and timings file in its own
+//! directory.
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -41,7 +42,8 @@ pub struct Sandbox {
     pub name: String,
     pub dir: PathBuf,
     pub uds: PathBuf,
-    pub ctl: PathBuf,
+    /// The agent's API socket.
+    pub api: PathBuf,
     pub console: PathBuf,
     pub timings: PathBuf,
     pub proc: Bg,
@@ -57,7 +59,7 @@ impl Sandbox {
         std::fs::create_dir_all(&dir).map_err(|e| format!("mkdir {}: {e}", dir.display()))?;
         Ok((
             dir.join("v.sock"),
-            dir.join("ctl.sock"),
+            dir.join("api.sock"),
             dir.join("console.log"),
             dir.join("timings.json"),
             dir,
@@ -66,7 +68,7 @@ impl Sandbox {
 
     /// `host-agent run --template T ...` (does not wait for envd).
     pub fn boot(env: &Env, name: &str) -> Result<Sandbox, String> {
-        let (uds, ctl, console, timings, dir) = Self::paths(env, name)?;
+        let (uds, api, console, timings, dir) = Self::paths(env, name)?;
         let args = vec![
             "run".to_string(),
             "--template".into(),
@@ -75,15 +77,15 @@ impl Sandbox {
             uds.display().to_string(),
             "--console-log".into(),
             console.display().to_string(),
-            "--control-sock".into(),
-            ctl.display().to_string(),
+            "--api-sock".into(),
+            api.display().to_string(),
         ];
         let proc = Bg::spawn(name, &env.host_agent, &args)?;
         Ok(Sandbox {
             name: name.into(),
             dir,
             uds,
-            ctl,
+            api,
             console,
             timings,
             proc,
@@ -100,7 +102,7 @@ impl Sandbox {
         first: &[&str],
         log_filter: Option<&str>,
     ) -> Result<Sandbox, String> {
-        let (uds, ctl, console, timings, dir) = Self::paths(env, name)?;
+        let (uds, api, console, timings, dir) = Self::paths(env, name)?;
         let mut args = vec![
             "restore".to_string(),
             "--snapshot".into(),
@@ -109,8 +111,8 @@ impl Sandbox {
             uds.display().to_string(),
             "--console-log".into(),
             console.display().to_string(),
-            "--control-sock".into(),
-            ctl.display().to_string(),
+            "--api-sock".into(),
+            api.display().to_string(),
             "--timings-json".into(),
             timings.display().to_string(),
         ];
@@ -131,7 +133,7 @@ impl Sandbox {
             name: name.into(),
             dir,
             uds,
-            ctl,
+            api,
             console,
             timings,
             proc,
@@ -180,12 +182,12 @@ impl Sandbox {
         self.envd(env, &["exec", "--", "sh", "-c", script], timeout)
     }
 
-    /// `host-agent ctl --control-sock C REST...`.
+    /// `host-agent ctl --api-sock A REST...` (the API this sandbox's host-agent serves).
     pub fn ctl(&self, env: &Env, rest: &[&str], timeout: Duration) -> Out {
         let mut a = vec![
             "ctl".to_string(),
-            "--control-sock".into(),
-            self.ctl.display().to_string(),
+            "--api-sock".into(),
+            self.api.display().to_string(),
         ];
         a.extend(rest.iter().map(|s| s.to_string()));
         procs::run(
