@@ -124,8 +124,6 @@ struct VsockAttachment {
 pub struct Vmm {
     vm: Vm,
     mem: GuestMemory,
-    // The file behind guest memory: the memfd of a booted VM, or the snapshot's memory file.
-    _mem_file: File,
     mem_mib: u64,
     vcpus: Vec<Vcpu>,
     io_bus: Arc<Bus>,
@@ -264,7 +262,7 @@ impl Vmm {
         };
 
         let vm = Vm::new()?;
-        let (mem, mem_file) = memory::create(cfg.mem_mib)?;
+        let mem = memory::create(cfg.mem_mib)?;
         vm.register_memory(&mem)?;
         let mem_size = cfg.mem_mib << 20;
 
@@ -365,7 +363,6 @@ impl Vmm {
         Ok(Vmm {
             vm,
             mem,
-            _mem_file: mem_file,
             mem_mib: cfg.mem_mib,
             vcpus,
             io_bus: Arc::new(io_bus),
@@ -477,7 +474,6 @@ impl Vmm {
         Ok(Vmm {
             vm,
             mem,
-            _mem_file: mem_file,
             mem_mib: state.mem_mib,
             vcpus,
             io_bus: Arc::new(io_bus),
@@ -507,7 +503,6 @@ impl Vmm {
         Ok(RunningVm {
             vm: self.vm,
             mem: self.mem,
-            _mem_file: self._mem_file,
             mem_mib: self.mem_mib,
             vcpus: Mutex::new(VcpuSet {
                 handles,
@@ -613,7 +608,6 @@ pub struct SnapshotReport {
 pub struct RunningVm {
     vm: Vm,
     mem: GuestMemory,
-    _mem_file: File,
     mem_mib: u64,
     vcpus: Mutex<VcpuSet>,
     stop_rx: Mutex<Receiver<VmStop>>,
