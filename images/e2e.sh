@@ -15,14 +15,21 @@ static_build() {
     cargo build --release --target "$T" "$@"
 }
 static_build -p guest-envd -p host-agent
+# The API flow against real VMs (host-agent/examples/api_flow.rs).
+static_build -p host-agent --example api_flow
 # The guest-side vsock test tool, baked into the test template (own invocation: its own feature set).
 static_build -p envd-images --bin envd-vsock-connect
 cargo build --release -p envd-images
 ./target/release/envd-image template --envd "target/$T/release/guest-envd" \
   --oci-config images/testdata/oci-config.json \
   --add "target/$T/release/envd-vsock-connect:/usr/local/bin/envd-vsock-connect" --out target/template
-# Both runners in one test host: the per-VMM checks (qemu and host-agent), then snapshot/restore.
+# The runners in one test host (see images/e2e-inner.sh): per-VMM checks, snapshot/restore, the API
+# flow and the README's orchestrator example (bash and curl from this machine, with their libraries).
 exec ./target/release/envd-harness run --timeout "${ENVD_E2E_TIMEOUT:-1800}" \
   --template target/template --host-agent "target/$T/release/host-agent" \
   --include target/release/envd-snapshot-e2e:/usr/local/bin/envd-snapshot-e2e \
-  -- sh -c 'envd-e2e "$@"; a=$?; envd-snapshot-e2e; b=$?; [ "$a" = 0 ] && [ "$b" = 0 ]' sh "$@"
+  --include "target/$T/release/examples/api_flow:/usr/local/bin/api-flow" \
+  --include scripts/orchestrator-example.sh:/usr/local/bin/orchestrator-example.sh \
+  --include "$(command -v bash):/bin/bash" --include "$(command -v curl):/usr/bin/curl" \
+  --include images/e2e-inner.sh:/usr/local/bin/e2e-inner.sh \
+  -- e2e-inner.sh "$@"

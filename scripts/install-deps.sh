@@ -9,6 +9,8 @@ command -v stty >/dev/null || need+=(coreutils)
 # The full-stack tests boot VMs with QEMU (the harness, and the reference VMM) and fetch Debian's kernel.
 command -v qemu-system-x86_64 >/dev/null || need+=(qemu-system-x86)
 command -v dpkg-deb >/dev/null || need+=(dpkg)
+# The README's orchestrator example (run by the e2e) drives the API with curl.
+command -v curl >/dev/null || need+=(curl)
 if ((${#need[@]})); then
   sudo=""
   [ "$(id -u)" = 0 ] || sudo="sudo"

@@ -133,6 +133,10 @@ pub struct RunOptions {
     pub memory_mib: u32,
     /// Extra kernel command line for the test host (e.g. `loglevel=7` to see its boot).
     pub extra_cmdline: Option<String>,
+    /// Nested mode: all test host CPUs on one emulation thread (`-accel tcg,thread=single`).
+    pub single_thread_tcg: bool,
+    /// Nested mode: the test host's CPU count.
+    pub smp: u32,
 }
 
 #[derive(Debug, Clone)]
@@ -388,7 +392,13 @@ fn run_nested(
     let prepare_secs = start.elapsed().as_secs_f64();
 
     let mut cmd = Command::new(&qemu);
-    cmd.args(["-accel", "tcg", "-cpu", "EPYC,+svm,+npt", "-smp", "2"])
+    let accel = if opts.single_thread_tcg {
+        "tcg,thread=single"
+    } else {
+        "tcg"
+    };
+    cmd.args(["-accel", accel, "-cpu", "EPYC,+svm,+npt"])
+        .args(["-smp", &opts.smp.max(1).to_string()])
         .args(["-m", &opts.memory_mib.to_string()])
         .args([
             "-nodefaults",

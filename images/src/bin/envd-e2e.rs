@@ -1,7 +1,7 @@
 //! `envd-e2e`: the full-stack checks, run inside the test host (`envd-harness run -- envd-e2e`) or on a
 //! host with hardware KVM. For each available VMM (`qemu`, `host-agent`): boot the template, wait for
 //! guest-envd, run the checks, power off; then host-agent's own checks (guest-initiated vsock, 2 and 4
-//! vCPUs, bad input) and, when both VMMs ran, a side-by-side boot comparison (`--boots` each). Prints
+//! vCPUs unless `--vcpu-boots` says otherwise, bad input) and, when both VMMs ran, a side-by-side boot comparison (`--boots` each). Prints
 //! `VMM: N passed, M failed` per VMM, the line `boot_to_envd_ready_ratio host-agent/qemu: X`, and exits
 //! non-zero if anything failed.
 //!
@@ -41,6 +41,9 @@ struct Cli {
     /// Boots per VMM for the side-by-side boot comparison (0: skip it).
     #[arg(long, default_value_t = 3)]
     boots: usize,
+    /// host-agent boots with these vCPU counts (comma-separated).
+    #[arg(long, value_delimiter = ',', default_value = "2,4")]
+    vcpu_boots: Vec<u32>,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -100,8 +103,17 @@ fn main() -> anyhow::Result<()> {
         }
         let mut s = runner.run(*vmm, &mut out);
         if k == 1 {
-            let booted = s.booted;
-            hostagent::extra_checks(&runner, &ha, booted, &mut s, &mut out);
+            let vcpu_boots = &cli.vcpu_boots;
+            if s.booted {
+                hostagent::vcpu_checks(&runner, &ha, vcpu_boots, &mut s, &mut out);
+            } else if !vcpu_boots.is_empty() {
+                s.fail(
+                    &mut out,
+                    "multi-vCPU boots",
+                    "not attempted: the template did not boot",
+                );
+            }
+            hostagent::extra_checks(&runner, &mut s, &mut out);
         }
         ran[k] = Some(s);
     }

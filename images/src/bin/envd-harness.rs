@@ -55,6 +55,17 @@ enum Cmd {
         /// Extra test host kernel arguments (e.g. `loglevel=7` to see its boot in console.log).
         #[arg(long)]
         append: Option<String>,
+        /// Emulate the test host's CPUs on one host thread (QEMU `-accel tcg,thread=single`)
+        /// instead of one thread per CPU.
+        #[arg(long)]
+        single_thread_tcg: bool,
+        /// The test host's CPU count. One by default: with two, QEMU 7.2's emulated SVM sometimes
+        /// takes a cross-CPU interrupt (a reschedule IPI) in the test host's KVM right after VMRUN,
+        /// before the host's state is back, and the test host kernel dies of a stack overflow in
+        /// `__svm_vcpu_run` (seen in its console.log; earlier also as a guest reset or a hung test
+        /// host). That is the emulator under the test host; with one CPU there are no such IPIs.
+        #[arg(long, default_value_t = 1)]
+        smp: u32,
         #[arg(required = true, last = true)]
         command: Vec<String>,
     },
@@ -122,6 +133,8 @@ fn main() {
         mode,
         memory,
         append,
+        single_thread_tcg,
+        smp,
         command,
     } = Cli::parse().cmd;
     let mut incs = Vec::new();
@@ -161,6 +174,8 @@ fn main() {
         qemu: None,
         memory_mib: memory,
         extra_cmdline: append,
+        single_thread_tcg,
+        smp,
     };
     let cache = DebCache::new(&paths::cache_dir());
     let mut stdout = std::io::stdout();
