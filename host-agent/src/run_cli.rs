@@ -2,13 +2,14 @@
 //! optionally serve the orchestrator API for the VM (`--api-sock`), and run until the guest powers
 //! off.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use clap::Args;
 use envd_protocol::{Address, Client};
 use host_agent::api;
+use host_agent::template::TemplateBoot;
 use host_agent::vmm::builder::{VmConfig, Vmm, VsockConfig};
 
 #[derive(Args, Debug)]
@@ -49,29 +50,18 @@ pub struct RunArgs {
     envd_timeout_ms: u64,
 }
 
-/// What a template directory holds.
-fn template_config(dir: &Path) -> anyhow::Result<(PathBuf, PathBuf, String)> {
-    let manifest = dir.join("template.json");
-    let text = std::fs::read_to_string(&manifest)
-        .with_context(|| format!("cannot read {}", manifest.display()))?;
-    let json: serde_json::Value = serde_json::from_str(&text)
-        .with_context(|| format!("{} is not valid JSON", manifest.display()))?;
-    let cmdline = json
-        .get("cmdline")
-        .and_then(|c| c.as_str())
-        .with_context(|| format!("{} has no cmdline", manifest.display()))?
-        .to_string();
-    Ok((dir.join("vmlinuz"), dir.join("initrd"), cmdline))
-}
-
 pub fn run(args: RunArgs) -> anyhow::Result<i32> {
     if let Some(path) = &args.api_sock {
         api::check_not_in_use(path)?;
     }
     let (kernel, initrd, cmdline) = match &args.template {
         Some(dir) => {
-            let (k, i, c) = template_config(dir)?;
-            (k, Some(i), args.cmdline.clone().unwrap_or(c))
+            let t = TemplateBoot::read(dir)?;
+            (
+                t.kernel,
+                Some(t.initrd),
+                args.cmdline.clone().unwrap_or(t.cmdline),
+            )
         }
         None => (
             args.kernel
@@ -98,11 +88,17 @@ pub fn run(args: RunArgs) -> anyhow::Result<i32> {
     let started = Instant::now();
     let vmm = Vmm::build(&config)?;
     let build_time = vmm.timings.last().map(|(_, d)| *d).unwrap_or_default();
+    let timings = vmm.timings.clone();
     let vm = std::sync::Arc::new(vmm.start()?);
     let vcpus_running = started.elapsed();
+    let steps: Vec<String> = timings
+        .iter()
+        .map(|(k, d)| format!("{k} {:.1}", d.as_secs_f64() * 1000.0))
+        .collect();
     eprintln!(
-        "host-agent: VM built in {} ms, vCPUs running",
-        build_time.as_millis()
+        "host-agent: VM built in {} ms ({}), vCPUs running",
+        build_time.as_millis(),
+        steps.join(", ")
     );
     // The API takes the VM over (and is then its only waiter).
     let api = match (&args.api_sock, &args.vsock_uds) {

@@ -18,3 +18,4 @@ pub mod template;
 pub mod template_env;
 pub mod testhost;
 pub mod tree;
+pub mod vmlinux;

@@ -150,7 +150,7 @@ pub struct Manifest {
     /// Module names in load order.
     pub modules: Vec<String>,
     pub initrd_compression: Compression,
-    /// sha256 of `vmlinuz`, `initrd`, and the `envd` binary that was baked in.
+    /// sha256 of `vmlinuz`, `initrd`, `vmlinux` (when extracted) and the `envd` binary baked in.
     pub sha256: BTreeMap<String, String>,
     /// Digest of everything the build read; equal digests mean the build can be skipped.
     pub inputs_sha256: String,
@@ -243,10 +243,12 @@ pub fn build_template(opts: &TemplateOptions, cache: &DebCache) -> Result<Manife
         let sum = sha256_file(&x.host).map_err(io_err(&x.host))?;
         inputs.update(format!("add {} {sum}\n", x.guest));
     }
+    // Templates built before vmlinux was extracted must be rebuilt to get one.
+    inputs.update(b"with vmlinux\n");
     let inputs_sha256 = hex(&inputs.finalize());
     if let Some(m) = read_manifest(&opts.out) {
         let unchanged = m.inputs_sha256 == inputs_sha256
-            && ["vmlinuz", "initrd"].iter().all(|f| {
+            && ["vmlinuz", "initrd", "vmlinux"].iter().all(|f| {
                 sha256_file(&opts.out.join(f)).ok().as_deref()
                     == m.sha256.get(*f).map(String::as_str)
             });
@@ -278,9 +280,22 @@ pub fn build_template(opts: &TemplateOptions, cache: &DebCache) -> Result<Manife
     std::fs::rename(&tmp, &initrd).map_err(io_err(&initrd))?;
     let vmlinuz = opts.out.join("vmlinuz");
     std::fs::copy(&kernel.vmlinuz, &vmlinuz).map_err(io_err(&vmlinuz))?;
+    // The same kernel uncompressed, for VMMs that boot an ELF (host-agent prefers it: the guest
+    // then skips decompressing itself). Without it the template still boots from vmlinuz.
+    let vmlinux = opts.out.join("vmlinux");
+    let _ = std::fs::remove_file(&vmlinux);
+    let bz = std::fs::read(&vmlinuz).map_err(io_err(&vmlinuz))?;
+    let mut files = vec![("vmlinuz", &vmlinuz), ("initrd", &initrd)];
+    match crate::vmlinux::extract(&bz) {
+        Ok(elf) => {
+            std::fs::write(&vmlinux, elf).map_err(io_err(&vmlinux))?;
+            files.push(("vmlinux", &vmlinux));
+        }
+        Err(e) => tracing::warn!("no vmlinux in the template: {e}"),
+    }
 
     let mut sha256 = BTreeMap::new();
-    for (k, p) in [("vmlinuz", &vmlinuz), ("initrd", &initrd)] {
+    for (k, p) in files {
         sha256.insert(k.to_string(), sha256_file(p).map_err(io_err(p))?);
     }
     sha256.insert("envd".to_string(), envd_sha);

@@ -2,7 +2,7 @@
 //! token to talk to envd, and the lifecycle operations on the VM. Exactly one lifecycle operation
 //! runs at a time; a concurrent one is refused with `busy`.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -12,6 +12,7 @@ use tokio::sync::watch;
 use super::error::ApiError;
 use super::metrics::{inc, GaugeGuard, Metrics, StartTimings};
 use super::types::{reveal_env, BootRequest, RestoreRequest, Secret};
+use crate::template::TemplateBoot;
 use crate::vmm::builder::{GuestExit, RestoreConfig, RunningVm, VmConfig, Vmm, VsockConfig};
 use crate::vmm::snapshot::SnapshotKind;
 
@@ -377,21 +378,6 @@ fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
 }
 
-/// The template directory's kernel, initrd and command line.
-fn template_config(dir: &Path) -> Result<(PathBuf, PathBuf, String), ApiError> {
-    let manifest = dir.join("template.json");
-    let text = std::fs::read_to_string(&manifest)
-        .map_err(|e| ApiError::bad_request(format!("cannot read {}: {e}", manifest.display())))?;
-    let json: serde_json::Value = serde_json::from_str(&text)
-        .map_err(|_| ApiError::bad_request(format!("{} is not valid JSON", manifest.display())))?;
-    let cmdline = json
-        .get("cmdline")
-        .and_then(|c| c.as_str())
-        .ok_or_else(|| ApiError::bad_request(format!("{} has no cmdline", manifest.display())))?
-        .to_string();
-    Ok((dir.join("vmlinuz"), dir.join("initrd"), cmdline))
-}
-
 impl Shared {
     pub fn sandbox(&self) -> Option<Arc<Sandbox>> {
         lock(&self.sandbox).clone()
@@ -493,8 +479,13 @@ impl Shared {
                 ))
             }
             (Some(dir), None) => {
-                let (k, i, c) = template_config(dir)?;
-                (k, Some(i), req.cmdline.clone().unwrap_or(c))
+                let t =
+                    TemplateBoot::read(dir).map_err(|e| ApiError::bad_request(e.to_string()))?;
+                (
+                    t.kernel,
+                    Some(t.initrd),
+                    req.cmdline.clone().unwrap_or(t.cmdline),
+                )
             }
             (None, Some(kernel)) => (
                 kernel.clone(),
