@@ -7,6 +7,42 @@ use std::sync::Arc;
 use host_agent::api::{self, AppState};
 use host_agent::vmm::builder::{GuestExit, RunningVm};
 
+/// What `exec` runs, with what (shared by `envd exec` and `ctl exec`).
+#[derive(clap::Args, Debug)]
+pub struct ExecArgs {
+    #[arg(long = "env", value_parser = parse_key_value)]
+    pub env: Vec<(String, String)>,
+    #[arg(long)]
+    pub cwd: Option<String>,
+    #[arg(long)]
+    pub user: Option<String>,
+    /// Kill the process group after this many milliseconds (0: never).
+    #[arg(long, default_value_t = 0)]
+    pub timeout_ms: u64,
+    #[arg(long)]
+    pub tag: Option<String>,
+    /// Give this program's stdin to the process.
+    #[arg(long)]
+    pub stdin: bool,
+    #[arg(required = true, trailing_var_arg = true, allow_hyphen_values = true)]
+    pub command: Vec<String>,
+}
+
+/// The fields of `/init` (shared by `envd init` and `ctl init`).
+#[derive(clap::Args, Debug)]
+pub struct InitArgs {
+    #[arg(long = "env", value_parser = parse_key_value)]
+    pub env: Vec<(String, String)>,
+    #[arg(long = "unset")]
+    pub unset: Vec<String>,
+    #[arg(long, env = "ENVD_NEW_ACCESS_TOKEN", hide_env_values = true)]
+    pub access_token: Option<String>,
+    #[arg(long)]
+    pub default_user: Option<String>,
+    #[arg(long)]
+    pub default_workdir: Option<String>,
+}
+
 /// Parses a `KEY=VALUE` argument.
 pub fn parse_key_value(s: &str) -> Result<(String, String), String> {
     s.split_once('=')

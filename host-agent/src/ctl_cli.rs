@@ -13,7 +13,7 @@ use host_agent::api::client::{ApiClient, EventStream};
 use hyper::Method;
 use serde_json::{json, Value};
 
-use crate::cli_util::parse_key_value;
+use crate::cli_util::{ExecArgs, InitArgs};
 
 #[derive(Args, Debug)]
 pub struct CtlArgs {
@@ -46,37 +46,9 @@ enum CtlOp {
     },
     /// Run a command; stream its stdout and stderr to ours; exit with its exit code (128 + signal
     /// when a signal ended it).
-    Exec {
-        #[arg(long = "env", value_parser = parse_key_value)]
-        env: Vec<(String, String)>,
-        #[arg(long)]
-        cwd: Option<String>,
-        #[arg(long)]
-        user: Option<String>,
-        /// Kill the process group after this many milliseconds (0: never).
-        #[arg(long, default_value_t = 0)]
-        timeout_ms: u64,
-        #[arg(long)]
-        tag: Option<String>,
-        /// Read all of our stdin (UTF-8 text) and give it to the process.
-        #[arg(long)]
-        stdin: bool,
-        #[arg(required = true, trailing_var_arg = true, allow_hyphen_values = true)]
-        command: Vec<String>,
-    },
+    Exec(ExecArgs),
     /// Send /init: instance env (additive), unsets, a new access token, defaults.
-    Init {
-        #[arg(long = "env", value_parser = parse_key_value)]
-        env: Vec<(String, String)>,
-        #[arg(long = "unset")]
-        unset: Vec<String>,
-        #[arg(long, env = "ENVD_NEW_ACCESS_TOKEN", hide_env_values = true)]
-        access_token: Option<String>,
-        #[arg(long)]
-        default_user: Option<String>,
-        #[arg(long)]
-        default_workdir: Option<String>,
-    },
+    Init(InitArgs),
     /// List the processes envd started.
     Processes,
     /// Send a signal (a number or a name: TERM, SIGKILL, ...; default TERM) to a process.
@@ -166,13 +138,13 @@ async fn run_op(args: CtlArgs) -> anyhow::Result<i32> {
             template,
             keep_paused,
         } => snapshot(&client, dir, template, keep_paused).await?,
-        CtlOp::Init {
+        CtlOp::Init(InitArgs {
             env,
             unset,
             access_token,
             default_user,
             default_workdir,
-        } => {
+        }) => {
             let mut body = json!({"env": env_object(&env), "unset": unset});
             for (key, value) in [
                 ("access_token", access_token),
@@ -201,7 +173,7 @@ async fn run_op(args: CtlArgs) -> anyhow::Result<i32> {
             };
             call(&client, Method::POST, "/shutdown", Some(body)).await?
         }
-        CtlOp::Exec {
+        CtlOp::Exec(ExecArgs {
             env,
             cwd,
             user,
@@ -209,7 +181,7 @@ async fn run_op(args: CtlArgs) -> anyhow::Result<i32> {
             tag,
             stdin,
             command,
-        } => {
+        }) => {
             let Some((cmd, cmd_args)) = command.split_first() else {
                 bail!("exec needs a command");
             };

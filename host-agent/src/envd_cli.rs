@@ -33,38 +33,14 @@ enum EnvdCommand {
     Health,
     /// Send /init: instance env (additive), unsets, token, defaults, timestamp.
     Init {
-        #[arg(long = "env", value_parser = parse_key_value)]
-        env: Vec<(String, String)>,
-        #[arg(long = "unset")]
-        unset: Vec<String>,
+        #[command(flatten)]
+        init: InitArgs,
         /// RFC 3339; defaults to now.
         #[arg(long)]
         timestamp: Option<String>,
-        #[arg(long, env = "ENVD_NEW_ACCESS_TOKEN", hide_env_values = true)]
-        access_token: Option<String>,
-        #[arg(long)]
-        default_user: Option<String>,
-        #[arg(long)]
-        default_workdir: Option<String>,
     },
     /// Run a command and stream its output; exit with its exit code.
-    Exec {
-        #[arg(long = "env", value_parser = parse_key_value)]
-        env: Vec<(String, String)>,
-        #[arg(long)]
-        cwd: Option<String>,
-        #[arg(long)]
-        user: Option<String>,
-        #[arg(long, default_value_t = 0)]
-        timeout_ms: u64,
-        /// Forward this program's stdin to the process.
-        #[arg(long)]
-        stdin: bool,
-        #[arg(long)]
-        tag: Option<String>,
-        #[arg(required = true, trailing_var_arg = true, allow_hyphen_values = true)]
-        command: Vec<String>,
-    },
+    Exec(ExecArgs),
     /// Attach to a running process by pid or tag and stream its output.
     Reattach {
         #[arg(long, conflicts_with = "tag", required_unless_present = "tag")]
@@ -92,7 +68,7 @@ enum EnvdCommand {
     },
 }
 
-use crate::cli_util::parse_key_value;
+use crate::cli_util::{ExecArgs, InitArgs};
 
 fn selector(pid: Option<u32>, tag: Option<String>) -> pb::ProcessSelector {
     match (pid, tag) {
@@ -125,12 +101,15 @@ pub async fn run(args: EnvdArgs) -> anyhow::Result<i32> {
             Ok(0)
         }
         EnvdCommand::Init {
-            env,
-            unset,
+            init:
+                InitArgs {
+                    env,
+                    unset,
+                    access_token,
+                    default_user,
+                    default_workdir,
+                },
             timestamp,
-            access_token,
-            default_user,
-            default_workdir,
         } => {
             let at = match timestamp {
                 Some(t) => humantime::parse_rfc3339(&t)
@@ -150,7 +129,7 @@ pub async fn run(args: EnvdArgs) -> anyhow::Result<i32> {
             println!("applied {} clock_stepped {}", r.applied, r.clock_stepped);
             Ok(0)
         }
-        EnvdCommand::Exec {
+        EnvdCommand::Exec(ExecArgs {
             env,
             cwd,
             user,
@@ -158,7 +137,7 @@ pub async fn run(args: EnvdArgs) -> anyhow::Result<i32> {
             stdin,
             tag,
             command,
-        } => {
+        }) => {
             let mut argv = command.into_iter();
             let cmd = argv.next().context("no command given")?;
             let process = client
