@@ -13,8 +13,9 @@ cargo run -q --release -p envd-benches --bin bench-report
 cargo build --release -p envd-images -p envd-benches
 ./target/release/envd-image template --envd "target/$T/release/guest-envd" \
   --oci-config images/testdata/oci-config.json --out target/bench-template
+# The vm bench's own artifact (cargo also reports the package's binaries, in no fixed order).
 vm_bench=$(cargo bench -p envd-benches --bench vm --no-run --message-format=json 2>/dev/null \
-  | grep -o '"executable":"[^"]*"' | tail -1 | cut -d'"' -f4)
+  | grep '"kind":\["bench"\]' | grep '"name":"vm"' | grep -o '"executable":"[^"]*"' | tail -1 | cut -d'"' -f4)
 [ -x "$vm_bench" ] || { echo "bench: cannot find the vm bench binary" >&2; exit 1; }
 ./target/release/envd-harness run --timeout "${ENVD_BENCH_TIMEOUT:-3000}" --template target/bench-template \
   --host-agent "target/$T/release/host-agent" \
