@@ -189,8 +189,12 @@ ln -sf /proc/self/fd/2 /dev/stderr
 mount -t devpts devpts /dev/pts
 mount -t tmpfs -o mode=1777 tmpfs /tmp
 mount -t tmpfs tmpfs /run
-stty -F /dev/ttyS1 raw -echo 2>/dev/null
-stty -F /dev/ttyS2 raw -echo 2>/dev/null
+# Polled output and status ports (see envd-serial-polling), when the tool is there; at the highest
+# rate, which makes the driver's poll interval shortest.
+poll=""
+command -v envd-serial-polling >/dev/null && envd-serial-polling /dev/ttyS1 /dev/ttyS2 && poll=1
+stty -F /dev/ttyS1 raw -echo 115200 2>/dev/null
+stty -F /dev/ttyS2 raw -echo 115200 2>/dev/null
 exec 8>/dev/ttyS1 9>/dev/ttyS2
 while read -r m; do
   insmod "$m" || echo "WARN insmod $m failed" >&9
@@ -200,7 +204,10 @@ echo "READY $(cut -d' ' -f1 /proc/uptime)" >&9
 . /harness/env
 cd /
 sh /harness/cmd >&8 2>&8 </dev/null
-echo "EXIT $?" >&9
+st=$?
+[ -n "$poll" ] && envd-serial-polling --drain /dev/ttyS1
+echo "EXIT $st" >&9
+[ -n "$poll" ] && envd-serial-polling --drain /dev/ttyS2
 sync
 poweroff -f
 "#;

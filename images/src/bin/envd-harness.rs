@@ -103,14 +103,16 @@ fn default_includes(template: Option<PathBuf>, host_agent: Option<PathBuf>) -> V
             guest: harness::GUEST_HOST_AGENT.into(),
         });
     }
-    if let Some(e2e) = std::env::current_exe()
-        .ok()
-        .and_then(|p| p.parent().map(|d| d.join("envd-e2e")))
-    {
-        if e2e.is_file() {
+    // Built beside this binary: the e2e runner, and the serial-port tool the test host's init uses.
+    for name in ["envd-e2e", "envd-serial-polling"] {
+        if let Some(bin) = std::env::current_exe()
+            .ok()
+            .and_then(|p| p.parent().map(|d| d.join(name)))
+            .filter(|p| p.is_file())
+        {
             out.push(Include {
-                host: e2e,
-                guest: "/usr/local/bin/envd-e2e".into(),
+                host: bin,
+                guest: format!("/usr/local/bin/{name}"),
             });
         }
     }
