@@ -233,6 +233,18 @@ impl<'a> TestGuest<'a> {
     }
 }
 
+/// A vsock device on a Unix socket in a fresh directory, activated by a test guest on `mem`.
+fn active_device(
+    mem: &GuestMemoryMmap,
+) -> (tempfile::TempDir, std::path::PathBuf, Vsock, TestGuest<'_>) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("v.sock");
+    let mut dev = Vsock::new(GUEST_CID, path.clone()).unwrap();
+    let mut guest = TestGuest::new(mem);
+    guest.activate(&mut dev);
+    (dir, path, dev, guest)
+}
+
 fn guest_hdr(op: u16, src_port: u32, dst_port: u32) -> VsockHeader {
     VsockHeader {
         src_cid: GUEST_CID,
@@ -311,12 +323,8 @@ fn config_and_features() {
 
 #[test]
 fn host_initiated_connection_moves_data_both_ways_and_closes() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("v.sock");
     let mem = guest_memory();
-    let mut dev = Vsock::new(GUEST_CID, path.clone()).unwrap();
-    let mut guest = TestGuest::new(&mem);
-    guest.activate(&mut dev);
+    let (_dir, path, mut dev, mut guest) = active_device(&mem);
 
     let (mut host, local) = connect_from_host(&mut guest, &path);
 
@@ -357,12 +365,8 @@ fn host_initiated_connection_moves_data_both_ways_and_closes() {
 
 #[test]
 fn host_connect_refused_by_guest_closes_host_stream() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("v.sock");
     let mem = guest_memory();
-    let mut dev = Vsock::new(GUEST_CID, path.clone()).unwrap();
-    let mut guest = TestGuest::new(&mem);
-    guest.activate(&mut dev);
+    let (_dir, path, _dev, mut guest) = active_device(&mem);
 
     let mut host = host_client(&path);
     host.write_all(b"CONNECT 52\n").unwrap();
@@ -380,12 +384,8 @@ fn host_connect_refused_by_guest_closes_host_stream() {
 
 #[test]
 fn guest_initiated_connection_and_refusal() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("v.sock");
     let mem = guest_memory();
-    let mut dev = Vsock::new(GUEST_CID, path.clone()).unwrap();
-    let mut guest = TestGuest::new(&mem);
-    guest.activate(&mut dev);
+    let (dir, _path, _dev, mut guest) = active_device(&mem);
 
     let listener = UnixListener::bind(dir.path().join("v.sock_1234")).unwrap();
     guest.send(guest_hdr(OP_REQUEST, 5000, 1234), &[]);
@@ -420,12 +420,8 @@ fn guest_initiated_connection_and_refusal() {
 
 #[test]
 fn malformed_tx_is_dropped_and_device_survives_reset() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("v.sock");
     let mem = guest_memory();
-    let mut dev = Vsock::new(GUEST_CID, path.clone()).unwrap();
-    let mut guest = TestGuest::new(&mem);
-    guest.activate(&mut dev);
+    let (_dir, path, mut dev, mut guest) = active_device(&mem);
 
     // Too short to hold a header, then a header claiming more data than its chain has.
     guest.tx.offer(&[(&[1, 2, 3], 3)], false);
@@ -449,13 +445,9 @@ fn malformed_tx_is_dropped_and_device_survives_reset() {
 
 #[test]
 fn transport_reset_drops_connections_and_notifies_the_guest() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("v.sock");
     let mem = guest_memory();
-    let mut dev = Vsock::new(GUEST_CID, path.clone()).unwrap();
+    let (_dir, path, dev, mut guest) = active_device(&mem);
     let handle = dev.handle();
-    let mut guest = TestGuest::new(&mem);
-    guest.activate(&mut dev);
     let (mut host, _) = connect_from_host(&mut guest, &path);
 
     let event_buf = guest.ev.offer(&[(&[0xff; 4], 4)], true);
@@ -514,13 +506,9 @@ fn rx_used_within(guest: &mut TestGuest, window: Duration) -> bool {
 
 #[test]
 fn host_connections_wait_until_the_guest_handled_a_transport_reset() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("v.sock");
     let mem = guest_memory();
-    let mut dev = Vsock::new(GUEST_CID, path.clone()).unwrap();
+    let (_dir, path, dev, mut guest) = active_device(&mem);
     let handle = dev.handle();
-    let mut guest = TestGuest::new(&mem);
-    guest.activate(&mut dev);
     deliver_transport_reset(&mut guest, &handle);
 
     // A host client connects before the guest has handled the reset: its request is held back
@@ -543,13 +531,9 @@ fn host_connections_wait_until_the_guest_handled_a_transport_reset() {
 
 #[test]
 fn a_guest_that_never_acknowledges_a_reset_still_gets_connections() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("v.sock");
     let mem = guest_memory();
-    let mut dev = Vsock::new(GUEST_CID, path.clone()).unwrap();
+    let (_dir, path, dev, mut guest) = active_device(&mem);
     let handle = dev.handle();
-    let mut guest = TestGuest::new(&mem);
-    guest.activate(&mut dev);
     deliver_transport_reset(&mut guest, &handle);
     // No acknowledgement: after the device's grace period the request goes through anyway.
     let started = Instant::now();
@@ -559,12 +543,8 @@ fn a_guest_that_never_acknowledges_a_reset_still_gets_connections() {
 
 #[test]
 fn host_data_respects_guest_credit_and_early_bytes_survive_the_handshake() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("v.sock");
     let mem = guest_memory();
-    let mut dev = Vsock::new(GUEST_CID, path.clone()).unwrap();
-    let mut guest = TestGuest::new(&mem);
-    guest.activate(&mut dev);
+    let (_dir, path, _dev, mut guest) = active_device(&mem);
 
     // The client does not wait for OK before sending: those bytes are connection data.
     let mut host = host_client(&path);
