@@ -12,7 +12,10 @@ use crate::deb::DebCache;
 use crate::testhost::{self, TestHostError, TestHostOptions};
 use crate::tree::TreeError;
 
-pub const OUTER_CMDLINE: &str = "console=ttyS0 panic=-1 quiet";
+/// `idle=poll`: the test host's CPU never halts. Test hosts sometimes went idle for good with work
+/// pending (QEMU at 0% CPU, no output, no timeouts firing) - a wakeup that the emulated CPU missed
+/// while halted; a CPU that never halts cannot miss one.
+pub const OUTER_CMDLINE: &str = "console=ttyS0 panic=-1 quiet idle=poll";
 
 /// Guest paths of the well-known includes, exported to the command as env vars.
 pub const GUEST_TEMPLATE_DIR: &str = "/template";
