@@ -279,12 +279,12 @@ pub fn build_template(opts: &TemplateOptions, cache: &DebCache) -> Result<Manife
     write_initrd(&tree, opts.rootfs.as_deref(), opts.compression, &tmp)?;
     std::fs::rename(&tmp, &initrd).map_err(io_err(&initrd))?;
     let vmlinuz = opts.out.join("vmlinuz");
-    std::fs::copy(&kernel.vmlinuz, &vmlinuz).map_err(io_err(&vmlinuz))?;
+    let bz = std::fs::read(&kernel.vmlinuz).map_err(io_err(&kernel.vmlinuz))?;
+    std::fs::write(&vmlinuz, &bz).map_err(io_err(&vmlinuz))?;
     // The same kernel uncompressed, for VMMs that boot an ELF (host-agent prefers it: the guest
     // then skips decompressing itself). Without it the template still boots from vmlinuz.
     let vmlinux = opts.out.join("vmlinux");
     let _ = std::fs::remove_file(&vmlinux);
-    let bz = std::fs::read(&vmlinuz).map_err(io_err(&vmlinuz))?;
     let mut files = vec![("vmlinuz", &vmlinuz), ("initrd", &initrd)];
     match crate::vmlinux::extract(&bz) {
         Ok(elf) => {

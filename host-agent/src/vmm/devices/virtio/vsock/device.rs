@@ -21,7 +21,7 @@ use super::super::{
     ActivateContext, DeviceError, GuestMemory, Interrupt, VirtioDevice, TYPE_VSOCK,
     VIRTIO_F_VERSION_1,
 };
-use super::muxer::Muxer;
+use super::muxer::{epoll_timeout_ms, Muxer};
 use super::packet::{read_tx_packet, RxBuffer, EVENT_TRANSPORT_RESET};
 use super::VsockError;
 
@@ -315,17 +315,11 @@ impl Worker {
         self.process_queues();
         let mut events = [EpollEvent::default(); 16];
         loop {
-            let timeout = match self.reset_unacked_until {
-                None => self.muxer.next_timeout_ms(),
-                Some(until) => {
-                    let left = until.saturating_duration_since(Instant::now());
-                    let left = i32::try_from(left.as_millis() + 1).unwrap_or(i32::MAX);
-                    match self.muxer.next_timeout_ms() {
-                        -1 => left,
-                        t => t.min(left),
-                    }
-                }
-            };
+            let next = [self.muxer.next_deadline(), self.reset_unacked_until]
+                .into_iter()
+                .flatten()
+                .min();
+            let timeout = epoll_timeout_ms(next);
             let n = match self.epoll.wait(timeout, &mut events) {
                 Ok(n) => n,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,

@@ -144,22 +144,13 @@ impl Muxer {
         self.rst_backlog.clear();
     }
 
-    /// Milliseconds until the next connection deadline, for epoll_wait (-1: none).
-    pub fn next_timeout_ms(&self) -> i32 {
-        let next = self
-            .conns
+    /// The next connection deadline (a handshake or a connection timing out), if any.
+    pub fn next_deadline(&self) -> Option<Instant> {
+        self.conns
             .values()
             .filter_map(|c| c.conn.expiry())
             .chain(self.handshakes.values().map(|h| h.deadline))
-            .min();
-        match next {
-            None => -1,
-            Some(t) => {
-                let left = t.saturating_duration_since(Instant::now());
-                // Round up so we never wake just before the deadline and spin.
-                i32::try_from(left.as_millis() + 1).unwrap_or(i32::MAX)
-            }
-        }
+            .min()
     }
 
     /// Handles whatever is ready in the muxer's epoll set, and expired deadlines.
@@ -553,6 +544,18 @@ fn parse_connect(line: &[u8]) -> Result<u32, &'static str> {
         .strip_prefix("CONNECT ")
         .ok_or("expected CONNECT <port>")?;
     port.trim().parse::<u32>().map_err(|_| "bad port")
+}
+
+/// Milliseconds until `deadline`, for epoll_wait (-1: no deadline).
+pub fn epoll_timeout_ms(deadline: Option<Instant>) -> i32 {
+    match deadline {
+        None => -1,
+        Some(t) => {
+            let left = t.saturating_duration_since(Instant::now());
+            // Round up so we never wake just before the deadline and spin.
+            i32::try_from(left.as_millis() + 1).unwrap_or(i32::MAX)
+        }
+    }
 }
 
 #[cfg(test)]
