@@ -361,7 +361,9 @@ fn vm_benches(c: &mut Criterion) {
     });
     boot.finish();
 
-    // Round trips in one running (restored) sandbox, beside a host spawn of /bin/true.
+    // Round trips in one running sandbox of each VMM (both restored from their snapshots), beside a
+    // host spawn of /bin/true.
+    let runtime = rt();
     let uds = s.work.join("rt.sock");
     let sandbox = spawn(
         Command::new(&s.agent)
@@ -370,15 +372,58 @@ fn vm_benches(c: &mut Criterion) {
             .arg("--vsock-uds")
             .arg(&uds),
     );
-    let runtime = rt();
     let addr = Address::HybridVsock {
         uds,
         port: ENVD_PORT,
     };
     let client = runtime.block_on(init_and_exec(&addr, &["/bin/true"]));
+    roundtrip_benches(c, "host-agent_vsock", &runtime, &client);
+    drop(client);
+    stop(sandbox);
+
+    let mut args = qemu_args(&s, &s.work.join("qemu-rt.log"));
+    args.extend([
+        "-incoming".into(),
+        format!("exec:cat {}", s.qemu_snapshot.display()),
+    ]);
+    let qemu = spawn(Command::new(&s.qemu).args(&args));
+    let addr = Address::Vsock {
+        cid: Some(GUEST_CID),
+        port: ENVD_PORT,
+    };
+    let client = runtime.block_on(init_and_exec(&addr, &["/bin/true"]));
+    roundtrip_benches(c, "qemu_vhost_vsock", &runtime, &client);
+    drop(client);
+    stop(qemu);
+
+    let mut spawn_group = c.benchmark_group("exec_roundtrip");
+    spawn_group.bench_function("host_spawn", |b| {
+        b.iter(|| {
+            let st = Command::new("/bin/true").status().expect("spawn");
+            assert!(st.success());
+        })
+    });
+    spawn_group.finish();
+
+    // Last and small: under nested emulation each VM creation and teardown is slow.
+    let mut anchor = c.benchmark_group("anchor");
+    anchor.sample_size(10);
+    anchor.bench_function("kvm_vm_with_one_vcpu", |b| {
+        b.iter(|| host_agent::vmm::anchor::create_vm_with_vcpu().expect("kvm"))
+    });
+    anchor.finish();
+}
+
+/// Exec, init and health round trips over one connection to a running sandbox's envd.
+fn roundtrip_benches(
+    c: &mut Criterion,
+    name: &str,
+    runtime: &tokio::runtime::Runtime,
+    client: &Client,
+) {
     let mut exec = c.benchmark_group("exec_roundtrip");
-    exec.bench_function("host-agent_vsock", |b| {
-        b.to_async(&runtime).iter(|| async {
+    exec.bench_function(name, |b| {
+        b.to_async(runtime).iter(|| async {
             let out = client
                 .start(pb::StartRequest {
                     cmd: "/bin/true".into(),
@@ -392,16 +437,10 @@ fn vm_benches(c: &mut Criterion) {
             assert_eq!(out.exit_status(), Some(0));
         })
     });
-    exec.bench_function("host_spawn", |b| {
-        b.iter(|| {
-            let st = Command::new("/bin/true").status().expect("spawn");
-            assert!(st.success());
-        })
-    });
     exec.finish();
     let mut init = c.benchmark_group("init_roundtrip");
-    init.bench_function("host-agent_vsock", |b| {
-        b.to_async(&runtime).iter(|| async {
+    init.bench_function(name, |b| {
+        b.to_async(runtime).iter(|| async {
             client
                 .init(pb::InitRequest {
                     env: [("K".to_string(), "v".to_string())].into(),
@@ -413,15 +452,12 @@ fn vm_benches(c: &mut Criterion) {
         })
     });
     init.finish();
-    stop(sandbox);
-
-    // Last and small: under nested emulation each VM creation and teardown is slow.
-    let mut anchor = c.benchmark_group("anchor");
-    anchor.sample_size(10);
-    anchor.bench_function("kvm_vm_with_one_vcpu", |b| {
-        b.iter(|| host_agent::vmm::anchor::create_vm_with_vcpu().expect("kvm"))
+    let mut health = c.benchmark_group("health_roundtrip");
+    health.bench_function(name, |b| {
+        b.to_async(runtime)
+            .iter(|| async { client.health().await.expect("health") })
     });
-    anchor.finish();
+    health.finish();
 }
 
 criterion_group!(benches, vm_benches);

@@ -1,10 +1,12 @@
 //! Starting a child: argv without a shell, the layered env, a working directory, a user (groups,
 //! gid, uid, no capabilities left), and pipes or a PTY for its stdio.
 //!
-//! When the child runs as the same user as envd and needs no PTY, std uses `posix_spawn` (a vfork-
-//! style clone), the fastest way to start a process; switching users or taking a controlling
-//! terminal needs code in the child, which makes std fork instead.
+//! When the child runs as the same user as envd and needs no PTY, envd starts it with `posix_spawn`
+//! (a vfork-style clone, see [`super::posix_spawn`]), the fastest way to start a process; switching
+//! users or taking a controlling terminal needs code in the child, so those go through std's
+//! `Command`, which forks.
 
+use std::ffi::OsStr;
 use std::io;
 use std::os::fd::OwnedFd;
 use std::os::unix::process::CommandExt;
@@ -16,6 +18,7 @@ use nix::unistd::{setgid, setgroups, setuid, Gid, Uid};
 use rustix::termios::Winsize;
 use tokio::sync::oneshot;
 
+use super::posix_spawn;
 use super::reaper::{ExitStatus, Reaper};
 use crate::users::User;
 
@@ -61,6 +64,73 @@ pub enum SpawnError {
 
 /// Starts the child and registers it with the reaper.
 pub fn spawn(reaper: &Reaper, req: SpawnRequest<'_>) -> Result<Spawned, SpawnError> {
+    if req.switch_to.is_none() && req.pty.is_none() {
+        return spawn_posix(reaper, &req);
+    }
+    spawn_command(reaper, req)
+}
+
+/// What runs a program that has no `#!` line.
+const SHELL: &str = "/bin/sh";
+
+/// The fast path: pipes (or /dev/null) for stdio and glibc's posix_spawn.
+fn spawn_posix(reaper: &Reaper, req: &SpawnRequest<'_>) -> Result<Spawned, SpawnError> {
+    let other = |source: io::Error| SpawnError::Other {
+        program: req.program.to_string(),
+        source,
+    };
+    let path_var = req
+        .env
+        .iter()
+        .find(|(k, _)| k == "PATH")
+        .map(|(_, v)| v.as_str());
+    let Some(path) = posix_spawn::resolve_program(req.program, path_var, req.cwd) else {
+        return Err(spawn_error(
+            req.program,
+            &req.env,
+            io::Error::from(io::ErrorKind::NotFound),
+        ));
+    };
+    let pipe = || nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| other(e.into()));
+    let (stdin_child, stdin_parent) = if req.stdin {
+        let (r, w) = pipe()?;
+        (r, Some(w))
+    } else {
+        let null = std::fs::File::open("/dev/null").map_err(other)?;
+        (OwnedFd::from(null), None)
+    };
+    let (stdout_parent, stdout_child) = pipe()?;
+    let (stderr_parent, stderr_child) = pipe()?;
+    let mut argv: Vec<&OsStr> = vec![OsStr::new(req.program)];
+    argv.extend(req.args.iter().map(OsStr::new));
+    let stdio = posix_spawn::ChildStdio {
+        stdin: &stdin_child,
+        stdout: &stdout_child,
+        stderr: &stderr_child,
+    };
+    let (pid, stdio, exit) = reaper.spawn(|| {
+        let pid = match posix_spawn::spawn(&path, &argv, &req.env, req.cwd, &stdio) {
+            // A file without a `#!` line: run it with /bin/sh, as execvp does.
+            Err(e) if e.raw_os_error() == Some(libc::ENOEXEC) => {
+                let mut sh_argv = vec![OsStr::new(SHELL), path.as_os_str()];
+                sh_argv.extend(req.args.iter().map(OsStr::new));
+                posix_spawn::spawn(Path::new(SHELL), &sh_argv, &req.env, req.cwd, &stdio)
+            }
+            spawned => spawned,
+        }
+        .map_err(|e| spawn_error(req.program, &req.env, e))?;
+        let stdio = Stdio3::Pipes {
+            stdin: stdin_parent,
+            stdout: stdout_parent,
+            stderr: stderr_parent,
+        };
+        Ok::<_, SpawnError>((pid, stdio))
+    })?;
+    Ok(Spawned { pid, stdio, exit })
+}
+
+/// The general path: std's `Command`, with code in the forked child for users and PTYs.
+fn spawn_command(reaper: &Reaper, req: SpawnRequest<'_>) -> Result<Spawned, SpawnError> {
     let mut cmd = Command::new(req.program);
     cmd.args(req.args)
         .env_clear()

@@ -147,7 +147,10 @@ impl Envd {
                 Err(e) => tracing::warn!(error = %e, "cannot step the clock"),
             }
         }
-        tracing::info!(
+        // Per-request lines are debug: in a VM, stderr is the serial console, where every byte is a
+        // trap to the VMM (an info line per request cost ~15 ms of the guest's only vCPU under
+        // nested emulation, more than the request itself). ENVD_LOG=debug shows them.
+        tracing::debug!(
             applied = outcome == InitOutcome::Applied,
             env_keys = req.env.len(),
             unset = req.unset.len(),
@@ -270,7 +273,7 @@ impl Envd {
             }
         };
         let pid = spawned.pid;
-        tracing::info!(pid, cmd = %req.cmd, user = %user.name, "started");
+        tracing::debug!(pid, cmd = %req.cmd, user = %user.name, "started");
 
         let registered = register_fds(spawned.stdio);
         let (sources, stdin_target, pty_master) = match registered {
