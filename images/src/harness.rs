@@ -52,6 +52,17 @@ pub enum HarnessError {
         console: PathBuf,
         tail: String,
     },
+    #[error(
+        "the test host stalled: no output for {silent_secs}s, even after an NMI and a pause and \
+         resume; QEMU was killed. \
+         Its state at each stall: {dumps}. Console tail ({console}):\n{tail}"
+    )]
+    Stalled {
+        silent_secs: u64,
+        dumps: String,
+        console: PathBuf,
+        tail: String,
+    },
     #[error("bad --include {0:?}: expected HOST_PATH[:GUEST_PATH] with an absolute GUEST_PATH")]
     BadInclude(String),
     #[error("running {cmd}: {source}")]
@@ -140,6 +151,11 @@ pub struct RunOptions {
     pub single_thread_tcg: bool,
     /// Nested mode: the test host's CPU count.
     pub smp: u32,
+    /// Nested mode: how long the test host may print nothing before the watchdog steps in (see
+    /// [`Watchdog`]); `None` turns it off.
+    pub stall_after: Option<Duration>,
+    /// Nested mode: how many times a run that stalled is started again in a fresh test host.
+    pub stall_retries: u32,
 }
 
 #[derive(Debug, Clone)]
@@ -167,9 +183,28 @@ pub fn run(
         Mode::Auto => hardware_kvm(),
     };
     if native {
-        run_native(opts, out)
-    } else {
-        run_nested(opts, cache, out)
+        return run_native(opts, out);
+    }
+    let mut attempt = 0;
+    loop {
+        match run_nested(opts, cache, out) {
+            Err(HarnessError::Stalled {
+                silent_secs, dumps, ..
+            }) if attempt < opts.stall_retries => {
+                attempt += 1;
+                let banner = format!(
+                    "\n=== envd-harness: the test host stalled (no output for {silent_secs}s, even \
+                     after an NMI and a pause and resume; state in {dumps}); running the command again \
+                     in a fresh test host \
+                     (retry {attempt} of {}) ===\n",
+                    opts.stall_retries
+                );
+                tracing::warn!("{}", banner.trim());
+                let _ = out.write_all(banner.as_bytes());
+                keep_attempt_logs(&opts.work_dir, attempt);
+            }
+            other => return other,
+        }
     }
 }
 
@@ -391,6 +426,8 @@ fn run_nested(
     for f in [&console, &output, &status] {
         File::create(f).map_err(io_err(f))?;
     }
+    let qmp_sock = dir.join("qmp.sock");
+    let _ = std::fs::remove_file(&qmp_sock);
     host.tree.write_cpio_file(&initrd)?;
     let prepare_secs = start.elapsed().as_secs_f64();
 
@@ -425,6 +462,8 @@ fn run_nested(
         .arg(format!("file:{}", output.display()))
         .arg("-serial")
         .arg(format!("file:{}", status.display()))
+        .arg("-qmp")
+        .arg(format!("unix:{},server=on,wait=off", qmp_sock.display()))
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::piped());
@@ -442,13 +481,23 @@ fn run_nested(
     let mut ready: Option<(f64, Option<f64>)> = None;
     let mut exit: Option<(i32, f64)> = None;
     let mut exit_seen_at: Option<Instant> = None;
+    let mut watchdog = opts
+        .stall_after
+        .map(|after| Watchdog::new(after, child.0.id(), qmp_sock.clone(), dir.clone()));
     loop {
         let chunk = read_new(&output, &mut out_pos);
         if !chunk.is_empty() {
             let _ = out.write_all(&chunk);
             let _ = out.flush();
         }
-        status_text.push_str(&String::from_utf8_lossy(&read_new(&status, &mut st_pos)));
+        let status_chunk = read_new(&status, &mut st_pos);
+        // The console does not count: the watchdog's own NMI makes the test host's kernel print.
+        if let Some(w) = watchdog.as_mut() {
+            if !chunk.is_empty() || !status_chunk.is_empty() {
+                w.activity();
+            }
+        }
+        status_text.push_str(&String::from_utf8_lossy(&status_chunk));
         for line in status_text.lines() {
             if let Some(up) = line.strip_prefix("READY ") {
                 if ready.is_none() {
@@ -517,6 +566,19 @@ fn run_nested(
             let _ = child.0.kill();
             continue;
         }
+        if let Some(w) = watchdog.as_mut().filter(|_| exit.is_none()) {
+            if let WatchdogVerdict::GaveUp { silent_secs } = w.check(now) {
+                let _ = child.0.kill();
+                let _ = child.0.wait();
+                let _ = out.write_all(&read_new(&output, &mut out_pos));
+                return Err(HarnessError::Stalled {
+                    silent_secs,
+                    dumps: w.dumps_list(),
+                    console: console.clone(),
+                    tail: tail(&console, 40),
+                });
+            }
+        }
         if now > deadline && exit.is_none() {
             let _ = child.0.kill();
             let _ = child.0.wait();
@@ -536,9 +598,191 @@ fn run_nested(
     }
 }
 
+/// Watches a nested run for silence. A test host that prints nothing (command output or status) for
+/// `after` gets its state written to `stall-N.txt` in the work dir (QEMU's CPU use while silent, the
+/// CPU's registers and the code at its PC, its LAPIC and PIC, read over QMP) and a poke: first an NMI,
+/// then a pause and resume of the emulated CPU (which makes QEMU re-evaluate pending interrupts). If
+/// it is still silent `after` the last poke, the run is given up as stalled.
+///
+/// Why: under QEMU 7.2's TCG the one-CPU test host sometimes stops taking interrupts for good, with
+/// its local timer interrupt pending in the LAPIC's IRR and IF set (seen in these dumps; earlier with
+/// the CPU halted at 0% QEMU CPU, with `idle=poll` spinning at 100%). A check that hangs inside a
+/// working test host is caught by that check's own deadline, long before this.
+struct Watchdog {
+    after: Duration,
+    pid: u32,
+    qmp_sock: PathBuf,
+    dir: PathBuf,
+    /// When the current silent period started (last output, or last poke).
+    period_start: Instant,
+    cpu_ticks_at_period_start: Option<u64>,
+    pokes: u32,
+    dumps: Vec<PathBuf>,
+}
+
+enum WatchdogVerdict {
+    Fine,
+    Poked,
+    GaveUp { silent_secs: u64 },
+}
+
+/// The pokes, in order; after the last one the run is given up.
+const POKES: [&str; 2] = ["NMI", "pause and resume"];
+
+impl Watchdog {
+    fn new(after: Duration, pid: u32, qmp_sock: PathBuf, dir: PathBuf) -> Watchdog {
+        Watchdog {
+            after,
+            pid,
+            qmp_sock,
+            dir,
+            period_start: Instant::now(),
+            cpu_ticks_at_period_start: process_cpu_ticks(pid),
+            pokes: 0,
+            dumps: Vec::new(),
+        }
+    }
+
+    fn new_period(&mut self, now: Instant) {
+        self.period_start = now;
+        self.cpu_ticks_at_period_start = process_cpu_ticks(self.pid);
+    }
+
+    fn activity(&mut self) {
+        self.new_period(Instant::now());
+        self.pokes = 0;
+    }
+
+    fn check(&mut self, now: Instant) -> WatchdogVerdict {
+        let period = now.saturating_duration_since(self.period_start);
+        if period < self.after {
+            return WatchdogVerdict::Fine;
+        }
+        let silent_secs = self.after.as_secs() * u64::from(self.pokes) + period.as_secs();
+        let dump = self.dump(period, silent_secs);
+        let Some(poke) = POKES.get(self.pokes as usize) else {
+            return WatchdogVerdict::GaveUp { silent_secs };
+        };
+        let result =
+            crate::qmp::Qmp::connect(&self.qmp_sock, Duration::from_secs(10)).and_then(|mut q| {
+                match self.pokes {
+                    0 => q.execute("inject-nmi", None).map(drop),
+                    _ => q
+                        .execute("stop", None)
+                        .and_then(|_| q.execute("cont", None))
+                        .map(drop),
+                }
+            });
+        tracing::warn!(
+            "test host silent for {silent_secs}s; its state is in {}; {poke}: {}",
+            dump.display(),
+            match result {
+                Ok(()) => "done".to_string(),
+                Err(e) => format!("failed ({e})"),
+            }
+        );
+        self.pokes += 1;
+        self.new_period(now);
+        WatchdogVerdict::Poked
+    }
+
+    /// Writes what can be learnt about a silent test host; returns the file.
+    fn dump(&mut self, period: Duration, silent_secs: u64) -> PathBuf {
+        let path = self.dir.join(format!("stall-{}.txt", self.dumps.len() + 1));
+        let mut text = format!(
+            "silent for {silent_secs}s; pokes so far: {:?}\n",
+            &POKES[..(self.pokes as usize).min(POKES.len())]
+        );
+        // SAFETY: sysconf has no memory-safety preconditions.
+        let ticks_per_sec = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+        if let (Some(before), Some(now)) =
+            (self.cpu_ticks_at_period_start, process_cpu_ticks(self.pid))
+        {
+            let busy = now.saturating_sub(before) as f64 / ticks_per_sec;
+            text += &format!(
+                "QEMU CPU time in the last {:.0}s: {busy:.1}s ({:.0}% of one core)\n",
+                period.as_secs_f64(),
+                100.0 * busy / period.as_secs_f64().max(0.001)
+            );
+        }
+        match crate::qmp::Qmp::connect(&self.qmp_sock, Duration::from_secs(10)) {
+            Ok(mut qmp) => {
+                for cmd in [
+                    "info status",
+                    "info cpus",
+                    "info registers",
+                    "x/24i $pc",
+                    "info lapic",
+                    "info pic",
+                ] {
+                    let out = qmp.hmp(cmd).unwrap_or_else(|e| format!("({e})\n"));
+                    text += &format!("\n== {cmd}\n{out}");
+                }
+            }
+            Err(e) => text += &format!("QMP unavailable: {e}\n"),
+        }
+        if let Err(e) = std::fs::write(&path, text) {
+            tracing::warn!("cannot write {}: {e}", path.display());
+        }
+        self.dumps.push(path.clone());
+        path
+    }
+
+    fn dumps_list(&self) -> String {
+        self.dumps
+            .iter()
+            .map(|p| p.display().to_string())
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+}
+
+/// Renames the console log and stall dumps of a stalled attempt (`console.log` →
+/// `console.log.attempt-N`), so the next attempt's files do not overwrite them.
+fn keep_attempt_logs(dir: &Path, attempt: u32) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if name == "console.log" || (name.starts_with("stall-") && name.ends_with(".txt")) {
+            let _ = std::fs::rename(entry.path(), dir.join(format!("{name}.attempt-{attempt}")));
+        }
+    }
+}
+
+/// utime + stime of a process, in clock ticks (fields 14 and 15 of /proc/PID/stat, after the comm).
+fn process_cpu_ticks(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // rest starts at field 3 (state): utime is field 14, stime field 15.
+    let utime: u64 = fields.get(11)?.parse().ok()?;
+    let stime: u64 = fields.get(12)?.parse().ok()?;
+    Some(utime + stime)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn cpu_ticks_of_a_busy_process_grow() {
+        let me = std::process::id();
+        let before = process_cpu_ticks(me).expect("own stat");
+        let start = Instant::now();
+        let mut x = 0u64;
+        // Spin on CPU (not sleep) until the tick counter moves, with a generous bound.
+        while process_cpu_ticks(me).expect("own stat") == before {
+            x = x.wrapping_mul(6364136223846793005).wrapping_add(1);
+            assert!(
+                start.elapsed() < Duration::from_secs(30),
+                "no CPU time counted"
+            );
+        }
+        std::hint::black_box(x);
+        assert!(process_cpu_ticks(u32::MAX).is_none());
+    }
 
     #[test]
     fn quoting() {

@@ -12,6 +12,7 @@ pub mod e2e;
 pub mod harness;
 pub mod modinfo;
 pub mod paths;
+pub mod qmp;
 pub mod rootfs;
 pub mod snapshot_e2e;
 pub mod template;

@@ -66,6 +66,15 @@ enum Cmd {
         /// host). That is the emulator under the test host; with one CPU there are no such IPIs.
         #[arg(long, default_value_t = 1)]
         smp: u32,
+        /// Seconds the test host may print nothing before the watchdog writes its state to
+        /// stall-N.txt and pokes it (an NMI, then a pause and resume, each followed by as long
+        /// again); still silent after that, the run counts as stalled (0: no watchdog). Checks
+        /// inside print well within this; only a hung test host stays silent that long.
+        #[arg(long, default_value_t = 240)]
+        stall_secs: u64,
+        /// How many times a stalled run starts again in a fresh test host.
+        #[arg(long, default_value_t = 1)]
+        stall_retries: u32,
         #[arg(required = true, last = true)]
         command: Vec<String>,
     },
@@ -137,6 +146,8 @@ fn main() {
         append,
         single_thread_tcg,
         smp,
+        stall_secs,
+        stall_retries,
         command,
     } = Cli::parse().cmd;
     let mut incs = Vec::new();
@@ -178,6 +189,8 @@ fn main() {
         extra_cmdline: append,
         single_thread_tcg,
         smp,
+        stall_after: (stall_secs > 0).then(|| Duration::from_secs(stall_secs)),
+        stall_retries,
     };
     let cache = DebCache::new(&paths::cache_dir());
     let mut stdout = std::io::stdout();
