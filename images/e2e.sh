@@ -25,7 +25,8 @@ cargo build --release -p envd-images
   --add "target/$T/release/envd-vsock-connect:/usr/local/bin/envd-vsock-connect" --out target/template
 # The runners in one test host (see images/e2e-inner.sh): per-VMM checks, snapshot/restore, the API
 # flow and the README's orchestrator example (bash and curl from this machine, with their libraries).
-exec ./target/release/envd-harness run --timeout "${ENVD_E2E_TIMEOUT:-1800}" \
+# A test host that goes silent (an emulator fault, see README "test harness") is rerun up to twice.
+exec ./target/release/envd-harness run --timeout "${ENVD_E2E_TIMEOUT:-1800}" --stall-retries 2 \
   --template target/template --host-agent "target/$T/release/host-agent" \
   --include target/release/envd-snapshot-e2e:/usr/local/bin/envd-snapshot-e2e \
   --include "target/$T/release/examples/api_flow:/usr/local/bin/api-flow" \

@@ -17,7 +17,9 @@ cargo build --release -p envd-images -p envd-benches
 vm_bench=$(cargo bench -p envd-benches --bench vm --no-run --message-format=json 2>/dev/null \
   | grep '"kind":\["bench"\]' | grep '"name":"vm"' | grep -o '"executable":"[^"]*"' | tail -1 | cut -d'"' -f4)
 [ -x "$vm_bench" ] || { echo "bench: cannot find the vm bench binary" >&2; exit 1; }
-./target/release/envd-harness run --timeout "${ENVD_BENCH_TIMEOUT:-3000}" --template target/bench-template \
+# criterion prints nothing while it collects a group's samples (up to minutes for the boot groups).
+./target/release/envd-harness run --timeout "${ENVD_BENCH_TIMEOUT:-3000}" --stall-secs 600 \
+  --template target/bench-template \
   --host-agent "target/$T/release/host-agent" \
   --include "$vm_bench:/usr/local/bin/vm-bench" \
   --include target/release/bench-report:/usr/local/bin/bench-report \

@@ -53,8 +53,7 @@ pub enum HarnessError {
         tail: String,
     },
     #[error(
-        "the test host stalled: no output for {silent_secs}s, even after an NMI and a pause and \
-         resume; QEMU was killed. \
+        "the test host stalled: no output for {silent_secs}s, even after an NMI; QEMU was killed. \
          Its state at each stall: {dumps}. Console tail ({console}):\n{tail}"
     )]
     Stalled {
@@ -194,8 +193,7 @@ pub fn run(
                 attempt += 1;
                 let banner = format!(
                     "\n=== envd-harness: the test host stalled (no output for {silent_secs}s, even \
-                     after an NMI and a pause and resume; state in {dumps}); running the command again \
-                     in a fresh test host \
+                     after an NMI; state in {dumps}); running the command again in a fresh test host \
                      (retry {attempt} of {}) ===\n",
                     opts.stall_retries
                 );
@@ -600,14 +598,15 @@ fn run_nested(
 
 /// Watches a nested run for silence. A test host that prints nothing (command output or status) for
 /// `after` gets its state written to `stall-N.txt` in the work dir (QEMU's CPU use while silent, the
-/// CPU's registers and the code at its PC, its LAPIC and PIC, read over QMP) and a poke: first an NMI,
-/// then a pause and resume of the emulated CPU (which makes QEMU re-evaluate pending interrupts). If
-/// it is still silent `after` the last poke, the run is given up as stalled.
+/// CPU's registers and the code at its PC, its LAPIC and PIC, read over QMP) and an NMI. If it is
+/// still silent `after` that, the run is given up as stalled.
 ///
 /// Why: under QEMU 7.2's TCG the one-CPU test host sometimes stops taking interrupts for good, with
 /// its local timer interrupt pending in the LAPIC's IRR and IF set (seen in these dumps; earlier with
-/// the CPU halted at 0% QEMU CPU, with `idle=poll` spinning at 100%). A check that hangs inside a
-/// working test host is caught by that check's own deadline, long before this.
+/// the CPU halted at 0% QEMU CPU, with `idle=poll` spinning at 100%); neither the NMI nor a pause and
+/// resume of the emulated CPU (tried earlier) brought one back, so the NMI stays as a probe whose effect
+/// the next dump shows. A check that hangs inside a working test host is caught by that check's own
+/// deadline, long before this.
 struct Watchdog {
     after: Duration,
     pid: u32,
@@ -627,7 +626,7 @@ enum WatchdogVerdict {
 }
 
 /// The pokes, in order; after the last one the run is given up.
-const POKES: [&str; 2] = ["NMI", "pause and resume"];
+const POKES: [&str; 1] = ["NMI"];
 
 impl Watchdog {
     fn new(after: Duration, pid: u32, qmp_sock: PathBuf, dir: PathBuf) -> Watchdog {
