@@ -404,6 +404,18 @@ fn vm_benches(c: &mut Criterion) {
         })
     });
     spawn_group.finish();
+    let mut loop_group = c.benchmark_group("spawn_loop_in_shell");
+    loop_group.sample_size(10);
+    loop_group.bench_function("test_host", |b| {
+        b.iter(|| {
+            let st = Command::new("sh")
+                .args(["-c", SPAWN_LOOP])
+                .status()
+                .expect("spawn");
+            assert!(st.success());
+        })
+    });
+    loop_group.finish();
 
     // Last and small: under nested emulation each VM creation and teardown is slow.
     let mut anchor = c.benchmark_group("anchor");
@@ -458,7 +470,31 @@ fn roundtrip_benches(
             .iter(|| async { client.health().await.expect("health") })
     });
     health.finish();
+    // The same shell loop as on the test host, run by the guest: the guest's own cost of starting
+    // processes, apart from envd and vsock (one exec round trip spread over SPAWN_LOOP's starts).
+    let mut loop_group = c.benchmark_group("spawn_loop_in_shell");
+    loop_group.sample_size(10);
+    loop_group.bench_function(name, |b| {
+        b.to_async(runtime).iter(|| async {
+            let out = client
+                .start(pb::StartRequest {
+                    cmd: "sh".into(),
+                    args: vec!["-c".into(), SPAWN_LOOP.into()],
+                    ..Default::default()
+                })
+                .await
+                .expect("start")
+                .collect()
+                .await
+                .expect("end");
+            assert_eq!(out.exit_status(), Some(0));
+        })
+    });
+    loop_group.finish();
 }
+
+/// 20 starts of /bin/true from a shell (busybox sh in the guest and in the test host).
+const SPAWN_LOOP: &str = "i=0; while [ $i -lt 20 ]; do /bin/true; i=$((i+1)); done";
 
 criterion_group!(benches, vm_benches);
 criterion_main!(benches);

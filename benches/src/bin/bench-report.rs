@@ -23,6 +23,26 @@ const RATIOS: &[(&str, &str, &str)] = &[
         "exec_roundtrip/host_spawn",
     ),
     (
+        "exec_roundtrip_vsock_ratio_vs_qemu",
+        "exec_roundtrip/host-agent_vsock",
+        "exec_roundtrip/qemu_vhost_vsock",
+    ),
+    (
+        "init_roundtrip_vsock_ratio_vs_qemu",
+        "init_roundtrip/host-agent_vsock",
+        "init_roundtrip/qemu_vhost_vsock",
+    ),
+    (
+        "health_roundtrip_vsock_ratio_vs_qemu",
+        "health_roundtrip/host-agent_vsock",
+        "health_roundtrip/qemu_vhost_vsock",
+    ),
+    (
+        "guest_spawn_loop_ratio_vs_test_host",
+        "spawn_loop_in_shell/host-agent_vsock",
+        "spawn_loop_in_shell/test_host",
+    ),
+    (
         "exec_roundtrip_ratio_vs_direct_spawn_piped",
         "exec_roundtrip/envd_unix",
         "exec_roundtrip/direct_spawn_piped",
