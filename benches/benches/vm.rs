@@ -55,6 +55,12 @@ async fn init_and_exec(addr: &Address, argv: &[&str]) -> Client {
         })
         .await
         .expect("init");
+    exec_ok(&client, argv).await;
+    client
+}
+
+/// Runs `argv` through envd to its end and checks that it exited 0.
+async fn exec_ok(client: &Client, argv: &[&str]) {
     let out = client
         .start(pb::StartRequest {
             cmd: argv[0].into(),
@@ -66,8 +72,7 @@ async fn init_and_exec(addr: &Address, argv: &[&str]) -> Client {
         .collect()
         .await
         .expect("end");
-    assert_eq!(out.exit_status(), Some(0));
-    client
+    assert_eq!(out.exit_status(), Some(0), "{argv:?}");
 }
 
 fn qemu_args(s: &Setup, console: &Path) -> Vec<String> {
@@ -436,17 +441,7 @@ fn roundtrip_benches(
     let mut exec = c.benchmark_group("exec_roundtrip");
     exec.bench_function(name, |b| {
         b.to_async(runtime).iter(|| async {
-            let out = client
-                .start(pb::StartRequest {
-                    cmd: "/bin/true".into(),
-                    ..Default::default()
-                })
-                .await
-                .expect("start")
-                .collect()
-                .await
-                .expect("end");
-            assert_eq!(out.exit_status(), Some(0));
+            exec_ok(client, &["/bin/true"]).await;
         })
     });
     exec.finish();
@@ -476,18 +471,7 @@ fn roundtrip_benches(
     loop_group.sample_size(10);
     loop_group.bench_function(name, |b| {
         b.to_async(runtime).iter(|| async {
-            let out = client
-                .start(pb::StartRequest {
-                    cmd: "sh".into(),
-                    args: vec!["-c".into(), SPAWN_LOOP.into()],
-                    ..Default::default()
-                })
-                .await
-                .expect("start")
-                .collect()
-                .await
-                .expect("end");
-            assert_eq!(out.exit_status(), Some(0));
+            exec_ok(client, &["sh", "-c", SPAWN_LOOP]).await;
         })
     });
     loop_group.finish();
