@@ -54,6 +54,9 @@ const RATIOS: &[(&str, &str, &str)] = &[
     ),
 ];
 
+/// Process starts in one `spawn_loop_in_shell` iteration (benches/benches/vm.rs's SPAWN_LOOP).
+const SPAWN_LOOP_STARTS: f64 = 20.0;
+
 fn median_ns(criterion_dir: &Path, id: &str) -> Option<f64> {
     let path = criterion_dir.join(id).join("new").join("estimates.json");
     let text = std::fs::read_to_string(path).ok()?;
@@ -89,6 +92,17 @@ fn main() {
         ) {
             println!("{label}: {:.2}", n / d);
         }
+    }
+    // The guest's own process start (its 20-start shell loop, per start) as the anchor of an exec
+    // round trip: what envd and vsock add, apart from what the emulated guest pays for any start.
+    if let (Some(exec), Some(spawn_loop)) = (
+        median_ns(&criterion_dir, "exec_roundtrip/host-agent_vsock"),
+        median_ns(&criterion_dir, "spawn_loop_in_shell/host-agent_vsock"),
+    ) {
+        println!(
+            "exec_roundtrip_vsock_ratio_vs_guest_spawn: {:.2}",
+            exec / (spawn_loop / SPAWN_LOOP_STARTS)
+        );
     }
     if let Some(ns) = median_ns(&criterion_dir, "restore_to_first_exec/host-agent") {
         println!("restore_to_first_exec_ms_median: {:.1}", ns / 1e6);
