@@ -184,6 +184,13 @@ async fn operations_that_need_a_vm_are_409_without_one() {
     )
     .await;
     assert_eq!(status, 400, "{answer}");
+    // A kernel that is not a kernel: readable, so not a bad request, but it cannot boot.
+    let garbage = agent.sock.with_file_name("not-a-kernel");
+    std::fs::write(&garbage, [0x5a_u8; 4096]).unwrap();
+    let body = serde_json::json!({ "kernel": garbage }).to_string();
+    let (status, answer) = call(&agent.sock, "POST", "/boot", Some(&body)).await;
+    assert_eq!(status, 422, "{answer}");
+    assert_eq!(answer["code"], "boot_failed", "{answer}");
     let (_, health) = call(&agent.sock, "GET", "/health", None).await;
     assert_eq!(health["vm"], "none");
 }

@@ -28,6 +28,12 @@ impl ApiError {
         Self::new(StatusCode::BAD_REQUEST, "bad_request", message)
     }
 
+    /// 422: the request was well formed but what it names cannot be used (a kernel that does not
+    /// boot, a snapshot that does not restore).
+    pub fn unprocessable(code: &'static str, message: impl std::fmt::Display) -> Self {
+        Self::new(StatusCode::UNPROCESSABLE_ENTITY, code, message.to_string())
+    }
+
     pub fn conflict(code: &'static str, message: impl Into<String>) -> Self {
         Self::new(StatusCode::CONFLICT, code, message)
     }

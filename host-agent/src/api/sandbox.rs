@@ -515,13 +515,7 @@ impl Shared {
         tracing::info!(mem_mib = req.mem_mib, vcpus = req.vcpus, "booting a VM");
         let started = Instant::now();
         let vm = tokio::task::spawn_blocking(move || {
-            let vmm = Vmm::build(&config).map_err(|e| {
-                ApiError::new(
-                    axum::http::StatusCode::UNPROCESSABLE_ENTITY,
-                    "boot_failed",
-                    e.to_string(),
-                )
-            })?;
+            let vmm = Vmm::build(&config).map_err(|e| ApiError::unprocessable("boot_failed", e))?;
             vmm.start().map_err(ApiError::vm_error)
         })
         .await
@@ -555,13 +549,8 @@ impl Shared {
         );
         let started = Instant::now();
         let (vm, mut steps) = tokio::task::spawn_blocking(move || {
-            let vmm = Vmm::restore(&config).map_err(|e| {
-                ApiError::new(
-                    axum::http::StatusCode::UNPROCESSABLE_ENTITY,
-                    "restore_failed",
-                    e.to_string(),
-                )
-            })?;
+            let vmm =
+                Vmm::restore(&config).map_err(|e| ApiError::unprocessable("restore_failed", e))?;
             let steps: Vec<(String, f64)> = vmm
                 .timings
                 .iter()
