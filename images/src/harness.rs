@@ -565,7 +565,7 @@ fn run_nested(
             continue;
         }
         if let Some(w) = watchdog.as_mut().filter(|_| exit.is_none()) {
-            if let WatchdogVerdict::GaveUp { silent_secs } = w.check(now) {
+            if let Some(silent_secs) = w.check(now) {
                 let _ = child.0.kill();
                 let _ = child.0.wait();
                 let _ = out.write_all(&read_new(&output, &mut out_pos));
@@ -612,21 +612,13 @@ struct Watchdog {
     pid: u32,
     qmp_sock: PathBuf,
     dir: PathBuf,
-    /// When the current silent period started (last output, or last poke).
+    /// When the current silent period started (last output, or the NMI).
     period_start: Instant,
     cpu_ticks_at_period_start: Option<u64>,
-    pokes: u32,
+    /// Whether this silence already got its NMI (the next expiry gives the run up).
+    nmi_sent: bool,
     dumps: Vec<PathBuf>,
 }
-
-enum WatchdogVerdict {
-    Fine,
-    Poked,
-    GaveUp { silent_secs: u64 },
-}
-
-/// The pokes, in order; after the last one the run is given up.
-const POKES: [&str; 1] = ["NMI"];
 
 impl Watchdog {
     fn new(after: Duration, pid: u32, qmp_sock: PathBuf, dir: PathBuf) -> Watchdog {
@@ -637,7 +629,7 @@ impl Watchdog {
             dir,
             period_start: Instant::now(),
             cpu_ticks_at_period_start: process_cpu_ticks(pid),
-            pokes: 0,
+            nmi_sent: false,
             dumps: Vec::new(),
         }
     }
@@ -649,48 +641,47 @@ impl Watchdog {
 
     fn activity(&mut self) {
         self.new_period(Instant::now());
-        self.pokes = 0;
+        self.nmi_sent = false;
     }
 
-    fn check(&mut self, now: Instant) -> WatchdogVerdict {
+    /// After a period of silence: dumps the state and sends the NMI the first time; gives up the
+    /// second time, returning how long the test host has been silent.
+    fn check(&mut self, now: Instant) -> Option<u64> {
         let period = now.saturating_duration_since(self.period_start);
         if period < self.after {
-            return WatchdogVerdict::Fine;
+            return None;
         }
-        let silent_secs = self.after.as_secs() * u64::from(self.pokes) + period.as_secs();
+        let silent_secs = period.as_secs()
+            + if self.nmi_sent {
+                self.after.as_secs()
+            } else {
+                0
+            };
         let dump = self.dump(period, silent_secs);
-        let Some(poke) = POKES.get(self.pokes as usize) else {
-            return WatchdogVerdict::GaveUp { silent_secs };
-        };
-        let result =
-            crate::qmp::Qmp::connect(&self.qmp_sock, Duration::from_secs(10)).and_then(|mut q| {
-                match self.pokes {
-                    0 => q.execute("inject-nmi", None).map(drop),
-                    _ => q
-                        .execute("stop", None)
-                        .and_then(|_| q.execute("cont", None))
-                        .map(drop),
-                }
-            });
+        if self.nmi_sent {
+            return Some(silent_secs);
+        }
+        let nmi = crate::qmp::Qmp::connect(&self.qmp_sock, Duration::from_secs(10))
+            .and_then(|mut q| q.execute("inject-nmi", None));
         tracing::warn!(
-            "test host silent for {silent_secs}s; its state is in {}; {poke}: {}",
+            "test host silent for {silent_secs}s; its state is in {}; NMI: {}",
             dump.display(),
-            match result {
-                Ok(()) => "done".to_string(),
+            match nmi {
+                Ok(_) => "sent".to_string(),
                 Err(e) => format!("failed ({e})"),
             }
         );
-        self.pokes += 1;
+        self.nmi_sent = true;
         self.new_period(now);
-        WatchdogVerdict::Poked
+        None
     }
 
     /// Writes what can be learnt about a silent test host; returns the file.
     fn dump(&mut self, period: Duration, silent_secs: u64) -> PathBuf {
         let path = self.dir.join(format!("stall-{}.txt", self.dumps.len() + 1));
         let mut text = format!(
-            "silent for {silent_secs}s; pokes so far: {:?}\n",
-            &POKES[..(self.pokes as usize).min(POKES.len())]
+            "silent for {silent_secs}s; NMI sent before: {}\n",
+            self.nmi_sent
         );
         // SAFETY: sysconf has no memory-safety preconditions.
         let ticks_per_sec = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
