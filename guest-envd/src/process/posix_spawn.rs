@@ -49,16 +49,10 @@ pub fn resolve_program(program: &str, path_var: Option<&str>, cwd: &Path) -> Opt
         .find(|candidate| is_executable_file(candidate))
 }
 
+/// A regular file envd may execute (access(X_OK) also holds root to "some execute bit is set").
 fn is_executable_file(path: &Path) -> bool {
-    use std::os::unix::fs::PermissionsExt;
-    match std::fs::metadata(path) {
-        Ok(meta) => {
-            meta.is_file()
-                && meta.permissions().mode() & 0o111 != 0
-                && rustix::fs::access(path, rustix::fs::Access::EXEC_OK).is_ok()
-        }
-        Err(_) => false,
-    }
+    std::fs::metadata(path).is_ok_and(|meta| meta.is_file())
+        && rustix::fs::access(path, rustix::fs::Access::EXEC_OK).is_ok()
 }
 
 fn cstring(bytes: &[u8]) -> io::Result<CString> {
