@@ -273,12 +273,18 @@ fn agent_restore_once(s: &Setup, i: u64) -> (Duration, serde_json::Value) {
     (elapsed, t)
 }
 
-fn qemu_restore_once(s: &Setup) -> Duration {
-    let mut args = qemu_args(s, &s.work.join("qemu-restore.log"));
+/// QEMU restoring the template VM from its migration file.
+fn qemu_restore_args(s: &Setup, console: &Path) -> Vec<String> {
+    let mut args = qemu_args(s, console);
     args.extend([
         "-incoming".into(),
         format!("exec:cat {}", s.qemu_snapshot.display()),
     ]);
+    args
+}
+
+fn qemu_restore_once(s: &Setup) -> Duration {
+    let args = qemu_restore_args(s, &s.work.join("qemu-restore.log"));
     let started = Instant::now();
     let child = spawn(Command::new(&s.qemu).args(&args));
     let addr = Address::Vsock {
@@ -386,12 +392,8 @@ fn vm_benches(c: &mut Criterion) {
     drop(client);
     stop(sandbox);
 
-    let mut args = qemu_args(&s, &s.work.join("qemu-rt.log"));
-    args.extend([
-        "-incoming".into(),
-        format!("exec:cat {}", s.qemu_snapshot.display()),
-    ]);
-    let qemu = spawn(Command::new(&s.qemu).args(&args));
+    let qemu =
+        spawn(Command::new(&s.qemu).args(qemu_restore_args(&s, &s.work.join("qemu-rt.log"))));
     let addr = Address::Vsock {
         cid: Some(GUEST_CID),
         port: ENVD_PORT,
