@@ -214,6 +214,39 @@ fn agent_snapshot(s: &Setup) {
         .expect("ctl");
     assert!(status.success());
     stop(child);
+    record_working_set(s);
+}
+
+/// One restore that records the template's working set (`host-agent restore --record-working-set`),
+/// as an operator does once per template: every measured restore then copies its busiest regions
+/// into huge pages before the guest runs.
+fn record_working_set(s: &Setup) {
+    let mut child = spawn(
+        Command::new(&s.agent)
+            .args(["restore", "--snapshot"])
+            .arg(&s.agent_snapshot)
+            .arg("--vsock-uds")
+            .arg(s.work.join("record.sock"))
+            .args(["--record-working-set", "--env", "SANDBOX_ID=bench"])
+            .args(["--", "/bin/true"]),
+    );
+    let stderr = child.stderr.take().expect("stderr");
+    let mut recorded = false;
+    for line in BufReader::new(stderr).lines() {
+        let line = line.expect("stderr line");
+        if line.contains("working set recorded") {
+            eprintln!("{line}");
+            recorded = true;
+        }
+        if line.contains("sandbox ready") {
+            break;
+        }
+    }
+    stop(child);
+    assert!(
+        recorded,
+        "the recording restore did not record a working set"
+    );
 }
 
 fn setup() -> Option<Setup> {

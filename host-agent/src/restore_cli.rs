@@ -46,6 +46,12 @@ pub struct RestoreArgs {
     /// Write the timing breakdown here as JSON.
     #[arg(long)]
     timings_json: Option<PathBuf>,
+    /// Record this restore's working set into the snapshot directory once its first command has
+    /// ended (or /init is done, without one): the 2 MiB regions of guest memory it wrote, which
+    /// later restores copy into huge pages of their own before the guest runs. Restores without
+    /// applying an existing one.
+    #[arg(long)]
+    record_working_set: bool,
     /// A first command to run once /init is done (its output is printed, its time measured).
     #[arg(last = true)]
     first_exec: Vec<String>,
@@ -62,6 +68,7 @@ pub fn run(args: RestoreArgs) -> anyhow::Result<i32> {
         snapshot_dir: args.snapshot.clone(),
         vsock_uds: Some(args.vsock_uds.clone()),
         console_log: args.console_log.clone(),
+        apply_working_set: !args.record_working_set,
     })?;
     let mut timings: Vec<(String, f64)> = vmm
         .timings
@@ -136,6 +143,15 @@ pub fn run(args: RestoreArgs) -> anyhow::Result<i32> {
     }
     if let Some(status) = first_exec {
         eprintln!("host-agent: first command exited with {status}");
+    }
+    if args.record_working_set {
+        let set = vm.record_working_set()?;
+        set.save(&args.snapshot)?;
+        let pages: u64 = set.regions.iter().map(|r| u64::from(r.written_pages)).sum();
+        eprintln!(
+            "host-agent: working set recorded: {} regions of 2 MiB ({pages} pages written)",
+            set.regions.len()
+        );
     }
     let Some(path) = &args.api_sock else {
         eprintln!("host-agent: sandbox ready");

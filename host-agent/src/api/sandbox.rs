@@ -541,6 +541,7 @@ impl Shared {
             snapshot_dir: req.snapshot_dir.clone(),
             vsock_uds: Some(self.config.vsock_uds.clone()),
             console_log: self.config.console_log.clone(),
+            apply_working_set: true,
         };
         tracing::info!(
             env_keys = req.env.len(),

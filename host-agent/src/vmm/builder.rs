@@ -30,6 +30,7 @@ use super::snapshot::{self, SnapshotError, SnapshotKind, SnapshotMeta};
 use super::vstate::memory::{self, GuestMemory, MemoryError};
 use super::vstate::vcpu::{Vcpu, VcpuError, VcpuHandle};
 use super::vstate::vm::{Vm, VmError};
+use super::working_set::{self, WorkingSet, WorkingSetError};
 use super::VmStop;
 
 /// The vsock device's host side.
@@ -109,6 +110,9 @@ pub struct RestoreConfig {
     /// The new sandbox's vsock Unix socket (each clone gets its own).
     pub vsock_uds: Option<PathBuf>,
     pub console_log: Option<PathBuf>,
+    /// Copy the snapshot's recorded working set (`working_set.rs`) into huge pages of this VM's
+    /// own before it runs. Off when recording one.
+    pub apply_working_set: bool,
 }
 
 /// The vsock device as the VMM keeps it: the transport for snapshots, the handle for resets.
@@ -445,8 +449,15 @@ impl Vmm {
         timings.push(("vm_created", started.elapsed()));
 
         let mem = map_private(&mem_file, mem_size)?;
-        vm.register_memory(&mem).map_err(BuildError::from)?;
         timings.push(("memory_mapped", started.elapsed()));
+        if cfg.apply_working_set {
+            if let Some(set) = WorkingSet::load(&cfg.snapshot_dir, &mem)? {
+                let copied = working_set::materialize(&mem, &set.hot_regions())?;
+                tracing::debug!(regions = copied, "working set copied into huge pages");
+                timings.push(("working_set_copied", started.elapsed()));
+            }
+        }
+        vm.register_memory(&mem).map_err(BuildError::from)?;
 
         let (stop_tx, stop_rx) = channel();
         let panic = PanicWatch::default();
@@ -578,6 +589,8 @@ pub enum RestoreError {
     NeedsVsock,
     #[error("cannot map the snapshot's memory: {0}")]
     Map(String),
+    #[error(transparent)]
+    WorkingSet(#[from] WorkingSetError),
 }
 
 impl From<VcpuError> for RestoreError {
@@ -664,6 +677,12 @@ impl RunningVm {
             (VmStop::Failed(msg), None) => Err(RunError::Failed(msg)),
             (VmStop::TripleFault(at), None) => Err(RunError::TripleFault(at)),
         }
+    }
+
+    /// The working set of this sandbox so far: the 2 MiB regions of guest memory it wrote since
+    /// its restore (meaningful for a VM restored without one applied).
+    pub fn record_working_set(&self) -> Result<WorkingSet, WorkingSetError> {
+        working_set::record(&self.mem)
     }
 
     /// Records that this host-agent delivered instance env or a token to the sandbox, which

@@ -13,6 +13,7 @@ pub mod layout;
 pub mod persist;
 pub mod snapshot;
 pub mod vstate;
+pub mod working_set;
 
 /// Why the VM stopped.
 #[derive(Debug, Clone, PartialEq, Eq)]
