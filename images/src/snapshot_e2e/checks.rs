@@ -1198,6 +1198,135 @@ impl Run {
     }
 
     /// Check 8: a damaged snapshot: non-zero exit, a clear message, nothing left behind.
+    /// Check 10: a working set recorded by one restore (`--record-working-set`) is applied by the
+    /// next, whose guest then runs commands as any other; a corrupt `working-set.json` makes a
+    /// restore fail cleanly, saying which file. Runs on a copy of the template directory, so the
+    /// other checks' clones restore without one.
+    pub fn working_set(&self) -> Result<String, String> {
+        let env = &self.env;
+        let snap = self.template()?;
+        let copy = env.work.join("ws-snap");
+        std::fs::create_dir_all(&copy).map_err(|e| format!("mkdir {}: {e}", copy.display()))?;
+        for f in ["state", "snapshot.json"] {
+            std::fs::copy(snap.join(f), copy.join(f)).map_err(|e| format!("copying {f}: {e}"))?;
+        }
+        if std::fs::hard_link(snap.join("memory"), copy.join("memory")).is_err() {
+            files::sparse_copy(&snap.join("memory"), &copy.join("memory"))
+                .map_err(|e| format!("copying memory: {e}"))?;
+        }
+        let deadline = env.until(Duration::from_secs(120));
+        let mut rec = Sandbox::restore_with(
+            env,
+            "ws-record",
+            &copy,
+            &[],
+            &["true"],
+            None,
+            &["--record-working-set"],
+        )?;
+        rec.wait_ready(deadline)?;
+        let recorded = rec
+            .proc
+            .stderr()
+            .lines()
+            .find(|l| l.contains("working set recorded"))
+            .map(str::to_string);
+        rec.shutdown(env, Duration::from_secs(60))?;
+        let recorded = recorded.ok_or("the recording restore printed no 'working set recorded'")?;
+        let text = std::fs::read_to_string(copy.join("working-set.json"))
+            .map_err(|e| format!("working-set.json after recording: {e}"))?;
+        let set = json_of(&text).ok_or(format!("working-set.json is not JSON: {text}"))?;
+        let written: Vec<u64> = set["regions"]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .filter_map(|r| r["written_pages"].as_u64())
+                    .collect()
+            })
+            .unwrap_or_default();
+        if written.is_empty() {
+            return Err(format!("no regions recorded: {text}"));
+        }
+        let hot = written.iter().filter(|w| **w >= 20).count();
+
+        let mut sb = Sandbox::restore(
+            env,
+            "ws-apply",
+            &copy,
+            &[("WS".to_string(), "applied".to_string())],
+            &["sh", "-c", "echo $WS"],
+            None,
+        )?;
+        sb.wait_ready(env.until(Duration::from_secs(120)))?;
+        let first = sb.proc.stdout();
+        let timings = sb.timings_json()?;
+        let counted = sb.sh(
+            env,
+            "i=0; while [ $i -lt 300 ]; do i=$((i+1)); done; seq 1 2000 | md5sum",
+            Duration::from_secs(60),
+        );
+        sb.shutdown(env, Duration::from_secs(60))?;
+        if first.lines().next().map(str::trim) != Some("applied") {
+            return Err(format!("first command printed {first:?}, want \"applied\""));
+        }
+        if hot > 0 && !timings.contains_key("working_set_copied") {
+            return Err(format!(
+                "{hot} regions worth copying, but the restore's timings show no working_set_copied: {timings:?}"
+            ));
+        }
+        // md5 of `seq 1 2000`'s output (the lines "1" to "2000"), as coreutils computes it here.
+        const SEQ_MD5: &str = "ea4d0a24dabcaa11f9aa979b872d162b";
+        let seq_md5 = counted.stdout.split_whitespace().next().unwrap_or("");
+        if !counted.ok() || seq_md5 != SEQ_MD5 {
+            return Err(format!(
+                "a command after the restore did not compute md5 {SEQ_MD5}: {}",
+                counted.why()
+            ));
+        }
+
+        std::fs::write(
+            copy.join("working-set.json"),
+            "{\"format\": 1, \"regions\": 7",
+        )
+        .map_err(|e| format!("corrupting working-set.json: {e}"))?;
+        let run = env.work.join("ws-bad");
+        std::fs::create_dir_all(&run).map_err(|e| format!("mkdir {}: {e}", run.display()))?;
+        let p = |x: &Path| x.display().to_string();
+        let out = env.host_agent(
+            "ws-bad",
+            &strings(&[
+                "restore",
+                "--snapshot",
+                &p(&copy),
+                "--vsock-uds",
+                &p(&run.join("v.sock")),
+                "--",
+                "echo",
+                "should-not-run",
+            ]),
+            Duration::from_secs(60),
+        );
+        let message = out
+            .stderr
+            .lines()
+            .find(|l| l.starts_with("host-agent: "))
+            .unwrap_or("")
+            .to_string();
+        if out.ok() || out.timed_out || !message.contains("working-set.json") {
+            return Err(format!(
+                "a corrupt working-set.json did not fail the restore with a message naming it: {}",
+                out.why()
+            ));
+        }
+        Ok(format!(
+            "{recorded}; {hot} of {} regions copied by the next restore (first output at {:.1} ms, \
+             working set copied at {:.1} ms); md5 of seq in the guest {seq_md5}; corrupt file: {message:?}",
+            written.len(),
+            timings.get("first_exec_output").and_then(|v| v.as_f64()).unwrap_or(-1.0),
+            timings.get("working_set_copied").and_then(|v| v.as_f64()).unwrap_or(-1.0),
+        ))
+    }
+
     pub fn bad_input(&self, damage: Damage) -> Result<String, String> {
         let env = &self.env;
         let snap = self.template()?;

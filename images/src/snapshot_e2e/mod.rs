@@ -90,6 +90,7 @@ pub fn run_all(run: &mut checks::Run) -> bool {
     record("4_secret_not_in_template", run.secret_not_in_template());
     record("clean_shutdown", run.shutdown_all());
     record("9_timings", run.timings());
+    record("10_working_set", run.working_set());
     for d in files::Damage::ALL {
         record(&format!("8_bad_input/{}", d.slug()), run.bad_input(d));
     }

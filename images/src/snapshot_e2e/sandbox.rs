@@ -102,6 +102,19 @@ impl Sandbox {
         first: &[&str],
         log_filter: Option<&str>,
     ) -> Result<Sandbox, String> {
+        Self::restore_with(env, name, snapshot, envs, first, log_filter, &[])
+    }
+
+    /// [`Sandbox::restore`] with more of restore's options (`extra`).
+    pub fn restore_with(
+        env: &Env,
+        name: &str,
+        snapshot: &Path,
+        envs: &[(String, String)],
+        first: &[&str],
+        log_filter: Option<&str>,
+        extra: &[&str],
+    ) -> Result<Sandbox, String> {
         let (uds, api, console, timings, dir) = Self::paths(env, name)?;
         let mut args = vec![
             "restore".to_string(),
@@ -116,6 +129,7 @@ impl Sandbox {
             "--timings-json".into(),
             timings.display().to_string(),
         ];
+        args.extend(extra.iter().map(|s| s.to_string()));
         for (k, v) in envs {
             args.push("--env".into());
             args.push(format!("{k}={v}"));
