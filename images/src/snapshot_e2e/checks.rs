@@ -1235,7 +1235,8 @@ impl Run {
         let recorded = recorded.ok_or("the recording restore printed no 'working set recorded'")?;
         let text = std::fs::read_to_string(copy.join("working-set.json"))
             .map_err(|e| format!("working-set.json after recording: {e}"))?;
-        let set = json_of(&text).ok_or(format!("working-set.json is not JSON: {text}"))?;
+        let set: serde_json::Value = serde_json::from_str(&text)
+            .map_err(|e| format!("working-set.json is not JSON ({e}): {text}"))?;
         let written: Vec<u64> = set["regions"]
             .as_array()
             .map(|a| {
