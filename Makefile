@@ -3,8 +3,10 @@
 CARGO ?= cargo
 STATIC_TARGET := x86_64-unknown-linux-gnu
 STATIC_DIR := target/$(STATIC_TARGET)/release
-# Static, stripped binaries for images (the guest has no libc to link against).
-STATIC_ENV := RUSTFLAGS="-C target-feature=+crt-static" CARGO_PROFILE_RELEASE_DEBUG=false CARGO_PROFILE_RELEASE_STRIP=symbols
+# Static, stripped binaries for images (the guest has no libc to link against). Not position-
+# independent: a static-pie host-agent took ~55 ms to start in the nested test host (relocating
+# itself), a non-PIE one ~10 ms, and the benches launch one per restore (README, Benchmarks).
+STATIC_ENV := RUSTFLAGS="-C target-feature=+crt-static -C relocation-model=static" CARGO_PROFILE_RELEASE_DEBUG=false CARGO_PROFILE_RELEASE_STRIP=symbols
 
 .PHONY: all deps build static test unit e2e lint demo bench fuzz clean
 

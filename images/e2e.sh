@@ -11,7 +11,7 @@ if ! command -v qemu-system-x86_64 >/dev/null 2>&1; then
 fi
 # Static, stripped builds (same flags as `make static`, so the artifacts are shared).
 static_build() {
-  CARGO_PROFILE_RELEASE_DEBUG=false CARGO_PROFILE_RELEASE_STRIP=symbols RUSTFLAGS="-C target-feature=+crt-static" \
+  CARGO_PROFILE_RELEASE_DEBUG=false CARGO_PROFILE_RELEASE_STRIP=symbols RUSTFLAGS="-C target-feature=+crt-static -C relocation-model=static" \
     cargo build --release --target "$T" "$@"
 }
 static_build -p guest-envd -p host-agent
