@@ -293,16 +293,27 @@ fn agent_restore_once(s: &Setup, i: u64) -> (Duration, serde_json::Value) {
             .args(["--", "/bin/true"]),
     );
     let stderr = child.stderr.take().expect("stderr");
+    let mut said = Vec::new();
     for line in BufReader::new(stderr).lines() {
         let line = line.expect("stderr line");
         if line.contains("sandbox ready") {
             break;
         }
+        said.push(line);
     }
     let elapsed = started.elapsed();
     stop(child);
-    let t = serde_json::from_str(&std::fs::read_to_string(&timings).unwrap_or_default())
-        .unwrap_or_default();
+    // A restore that failed fast must not pass for a fast restore.
+    let t: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&timings).unwrap_or_default())
+            .unwrap_or_default();
+    assert!(
+        t["first_exec_end"].as_f64().is_some()
+            && said
+                .iter()
+                .any(|l| l.contains("first command exited with 0")),
+        "host-agent restore did not run its first command: {said:?}"
+    );
     (elapsed, t)
 }
 

@@ -63,6 +63,15 @@ fn json_of(text: &str) -> Option<serde_json::Value> {
         .find_map(|l| serde_json::from_str::<serde_json::Value>(l.trim()).ok())
 }
 
+/// host-agent's own message on stderr (its first `host-agent: ` line), or "".
+fn agent_message(stderr: &str) -> String {
+    stderr
+        .lines()
+        .find(|l| l.starts_with("host-agent: "))
+        .unwrap_or("")
+        .to_string()
+}
+
 /// The VM's state in `host-agent ctl health`'s answer ("running", "paused", ...; "?" when it has
 /// none).
 fn vm_state(stdout: &str) -> String {
@@ -1307,12 +1316,7 @@ impl Run {
             ]),
             Duration::from_secs(60),
         );
-        let message = out
-            .stderr
-            .lines()
-            .find(|l| l.starts_with("host-agent: "))
-            .unwrap_or("")
-            .to_string();
+        let message = agent_message(&out.stderr);
         if out.ok() || out.timed_out || !message.contains("working-set.json") {
             return Err(format!(
                 "a corrupt working-set.json did not fail the restore with a message naming it: {}",
@@ -1392,12 +1396,7 @@ impl Run {
             })
             .unwrap_or_default();
         let procs_left = processes_mentioning(&p(&case));
-        let message = out
-            .stderr
-            .lines()
-            .find(|l| l.starts_with("host-agent: "))
-            .unwrap_or("")
-            .to_string();
+        let message = agent_message(&out.stderr);
         let result = if out.timed_out {
             Err(format!("restore did not exit within 60 s: {}", out.why()))
         } else if out.ok() || out.code.is_none() {
