@@ -76,6 +76,8 @@ pub enum WorkingSetError {
     Invalid { path: PathBuf, reason: String },
     #[error("cannot read this process's page map: {0}")]
     Pagemap(std::io::Error),
+    #[error("cannot map memory to copy the working set into: {0}")]
+    Staging(std::io::Error),
     #[error("cannot give guest memory region {index} its own huge page: {source}")]
     Materialize { index: u64, source: std::io::Error },
 }
@@ -271,7 +273,6 @@ struct Staging {
 
 impl Staging {
     fn new(regions: usize) -> Result<Self, WorkingSetError> {
-        let err = |source| WorkingSetError::Materialize { index: 0, source };
         let len = (regions as u64 + 1) * REGION_BYTES;
         // SAFETY: a fresh private anonymous mapping; no existing memory is touched.
         let base = unsafe {
@@ -285,7 +286,7 @@ impl Staging {
             )
         };
         if base == libc::MAP_FAILED {
-            return Err(err(std::io::Error::last_os_error()));
+            return Err(WorkingSetError::Staging(std::io::Error::last_os_error()));
         }
         let base = base.cast::<u8>();
         let skip = (REGION_BYTES - base as u64 % REGION_BYTES) % REGION_BYTES;
