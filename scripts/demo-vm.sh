@@ -1,6 +1,7 @@
 #!/bin/sh
 # Runs inside the test host (or natively on a hardware-KVM host): boot the template in host-agent,
-# take a template snapshot, restore a sandbox from it with instance env, run commands, print timings.
+# take a template snapshot, record its working set, restore a sandbox from it with instance env, run
+# commands, print timings.
 set -eu
 work=$(mktemp -d)
 agent=host-agent
@@ -20,6 +21,18 @@ echo "== template snapshot (before any instance /init)"
 $agent ctl --api-sock "$work/tpl.api" snapshot --dir "$work/snap" --template --keep-paused
 kill "$tpl" 2>/dev/null || true
 wait "$tpl" 2>/dev/null || true
+
+echo "== record the template's working set (one restore that runs /bin/true; later restores copy it in)"
+$agent restore --snapshot "$work/snap" --vsock-uds "$work/rec.sock" --record-working-set \
+  -- /bin/true 2>"$work/rec.err" &
+rec=$!
+while ! grep -q "sandbox ready" "$work/rec.err" 2>/dev/null; do
+  if ! kill -0 "$rec" 2>/dev/null; then cat "$work/rec.err"; exit 1; fi
+  sleep 0.1
+done
+grep "working set recorded" "$work/rec.err"
+$agent envd --connect "hvsock:$work/rec.sock:49983" shutdown
+wait "$rec"
 
 echo "== restore a sandbox with instance env and a token, first command: echo"
 ENVD_NEW_ACCESS_TOKEN=demo-token $agent restore --snapshot "$work/snap" --vsock-uds "$work/sbx.sock" \
