@@ -210,8 +210,9 @@ pub fn record(mem: &GuestMemory) -> Result<WorkingSet, WorkingSetError> {
 
 /// Gives each region in `indices` (checked by [`WorkingSet::load`]) its own anonymous memory with a
 /// transparent huge page, filled with its contents, in place of the private file mapping. Call it
-/// before the memory is registered with KVM (KVM must never map the pages it replaces). Returns how many regions it replaced: none when the
-/// mapping is not 2 MiB-aligned (no huge page could map it, so a copy would buy nothing).
+/// before the memory is registered with KVM (KVM must never map the pages it replaces). Returns how
+/// many regions it replaced: none when the mapping is not 2 MiB-aligned (no huge page could map it,
+/// so a copy would buy nothing).
 pub fn materialize(mem: &GuestMemory, indices: &[u64]) -> Result<usize, WorkingSetError> {
     let mut places = Vec::with_capacity(indices.len());
     for &index in indices {
