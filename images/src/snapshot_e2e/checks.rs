@@ -1206,7 +1206,6 @@ impl Run {
         ))
     }
 
-    /// Check 8: a damaged snapshot: non-zero exit, a clear message, nothing left behind.
     /// Check 10: a working set recorded by one restore (`--record-working-set`) is applied by the
     /// next, whose guest then runs commands as any other; a corrupt `working-set.json` makes a
     /// restore fail cleanly, saying which file. Runs on a copy of the template directory, so the
@@ -1219,10 +1218,8 @@ impl Run {
         for f in ["state", "snapshot.json"] {
             std::fs::copy(snap.join(f), copy.join(f)).map_err(|e| format!("copying {f}: {e}"))?;
         }
-        if std::fs::hard_link(snap.join("memory"), copy.join("memory")).is_err() {
-            files::sparse_copy(&snap.join("memory"), &copy.join("memory"))
-                .map_err(|e| format!("copying memory: {e}"))?;
-        }
+        files::link_or_copy(&snap.join("memory"), &copy.join("memory"))
+            .map_err(|e| format!("copying memory: {e}"))?;
         let deadline = env.until(Duration::from_secs(120));
         let mut rec = Sandbox::restore_with(
             env,
@@ -1257,6 +1254,7 @@ impl Run {
         if written.is_empty() {
             return Err(format!("no regions recorded: {text}"));
         }
+        // Regions a restore copies: host-agent's working_set::MIN_WRITTEN_PAGES.
         let hot = written.iter().filter(|w| **w >= 20).count();
 
         let mut sb = Sandbox::restore(
@@ -1332,6 +1330,7 @@ impl Run {
         ))
     }
 
+    /// Check 8: a damaged snapshot: non-zero exit, a clear message, nothing left behind.
     pub fn bad_input(&self, damage: Damage) -> Result<String, String> {
         let env = &self.env;
         let snap = self.template()?;
@@ -1360,13 +1359,8 @@ impl Run {
                 f.set_len(len - 4096)
                     .map_err(|e| io("truncating memory", e))?;
             }
-            _ => {
-                // An unchanged memory file: a hard link costs no memory on the test host's tmpfs.
-                if std::fs::hard_link(snap.join("memory"), copy.join("memory")).is_err() {
-                    files::sparse_copy(&snap.join("memory"), &copy.join("memory"))
-                        .map_err(|e| io("copying memory", e))?;
-                }
-            }
+            _ => files::link_or_copy(&snap.join("memory"), &copy.join("memory"))
+                .map_err(|e| io("copying memory", e))?,
         }
         let p = |x: &Path| x.display().to_string();
         let args = strings(&[

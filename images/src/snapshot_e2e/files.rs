@@ -38,6 +38,15 @@ pub fn data_ranges(file: &File) -> io::Result<Vec<(u64, u64)>> {
     Ok(ranges)
 }
 
+/// An unchanged copy of the snapshot file `from` at `to`: a hard link, which costs no memory on the
+/// test host's tmpfs, or a sparse copy where linking fails.
+pub fn link_or_copy(from: &Path, to: &Path) -> io::Result<()> {
+    if std::fs::hard_link(from, to).is_err() {
+        sparse_copy(from, to)?;
+    }
+    Ok(())
+}
+
 /// Copies `from` to `to`, leaving holes (and all-zero pages) as holes.
 pub fn sparse_copy(from: &Path, to: &Path) -> io::Result<u64> {
     let src = File::open(from)?;
