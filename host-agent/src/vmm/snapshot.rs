@@ -229,14 +229,19 @@ pub fn write_memory(mem: &GuestMemory, path: &Path) -> Result<u64, SnapshotError
     Ok(written)
 }
 
-/// Writes the state file atomically (a temporary file, then a rename).
+/// Writes the state file atomically.
 pub fn write_state(dir: &Path, state: &MicrovmState) -> Result<(), SnapshotError> {
-    let bytes = encode_state(state)?;
-    let tmp = dir.join(".state.tmp");
+    write_atomically(dir, STATE_FILE, &encode_state(state)?)
+}
+
+/// Writes `dir/name` atomically: a temporary file of this process's own beside it, synced, then
+/// renamed over it, so a reader sees the old file or the whole new one, never half of one.
+pub fn write_atomically(dir: &Path, name: &str, bytes: &[u8]) -> Result<(), SnapshotError> {
+    let tmp = dir.join(format!(".{name}.{}.tmp", std::process::id()));
     let mut f = File::create(&tmp).map_err(write_err(&tmp))?;
-    f.write_all(&bytes).map_err(write_err(&tmp))?;
+    f.write_all(bytes).map_err(write_err(&tmp))?;
     f.sync_all().map_err(write_err(&tmp))?;
-    let path = dir.join(STATE_FILE);
+    let path = dir.join(name);
     std::fs::rename(&tmp, &path).map_err(write_err(&path))
 }
 

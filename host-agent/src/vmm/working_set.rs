@@ -17,12 +17,12 @@
 
 use std::collections::BTreeMap;
 use std::fs::File;
-use std::io::Write;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 
+use crate::vmm::snapshot::{self, SnapshotError};
 use crate::vmm::vstate::memory::GuestMemory;
 
 /// The unit of the working set: one x86-64 huge page.
@@ -62,16 +62,9 @@ pub struct WorkingSet {
 
 #[derive(Debug, thiserror::Error)]
 pub enum WorkingSetError {
-    #[error("cannot read {path}: {source}")]
-    Read {
-        path: PathBuf,
-        source: std::io::Error,
-    },
-    #[error("cannot write {path}: {source}")]
-    Write {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    /// Reading or writing the file (the snapshot directory's own errors).
+    #[error(transparent)]
+    File(#[from] SnapshotError),
     #[error("{path} is not a usable working set: {reason}")]
     Invalid { path: PathBuf, reason: String },
     #[error("cannot read this process's page map: {0}")]
@@ -101,7 +94,7 @@ impl WorkingSet {
         let text = match std::fs::read_to_string(&path) {
             Ok(text) => text,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-            Err(source) => return Err(WorkingSetError::Read { path, source }),
+            Err(source) => return Err(SnapshotError::Read { path, source }.into()),
         };
         let invalid = |reason: String| WorkingSetError::Invalid {
             path: path.clone(),
@@ -144,22 +137,11 @@ impl WorkingSet {
         Ok(())
     }
 
-    /// Writes it into the snapshot directory atomically (a temporary file, then a rename), so a
-    /// restore never reads half a file.
+    /// Writes it into the snapshot directory atomically, so a restore never reads half a file.
     pub fn save(&self, dir: &Path) -> Result<(), WorkingSetError> {
-        let path = dir.join(FILE);
-        let tmp = dir.join(format!(".{FILE}.{}", std::process::id()));
-        let write = |p: &Path| {
-            let text = serde_json::to_vec_pretty(self).map_err(std::io::Error::other)?;
-            let mut f = File::create(p)?;
-            f.write_all(&text)?;
-            f.sync_all()
-        };
-        write(&tmp).map_err(|source| WorkingSetError::Write {
-            path: tmp.clone(),
-            source,
-        })?;
-        std::fs::rename(&tmp, &path).map_err(|source| WorkingSetError::Write { path, source })
+        let text =
+            serde_json::to_vec_pretty(self).map_err(|e| SnapshotError::Encode(e.to_string()))?;
+        Ok(snapshot::write_atomically(dir, FILE, &text)?)
     }
 
     /// The regions worth copying at a restore ([`MIN_WRITTEN_PAGES`]), by index.
