@@ -7,6 +7,13 @@ work=$(mktemp -d)
 agent=host-agent
 template=${TEMPLATE:-/template}
 ms() { awk '{printf "%d", $1 * 1000}' /proc/uptime; }
+# Waits for `host-agent restore` (pid $2, stderr in $1) to print "sandbox ready"; fails if it exits.
+wait_ready() {
+  while ! grep -q "sandbox ready" "$1" 2>/dev/null; do
+    if ! kill -0 "$2" 2>/dev/null; then cat "$1"; exit 1; fi
+    sleep 0.1
+  done
+}
 
 echo "== boot the template in host-agent (stock Debian kernel, guest-envd as PID 1)"
 t0=$(ms)
@@ -26,10 +33,7 @@ echo "== record the template's working set (one restore that runs /bin/true; lat
 $agent restore --snapshot "$work/snap" --vsock-uds "$work/rec.sock" --record-working-set \
   -- /bin/true 2>"$work/rec.err" &
 rec=$!
-while ! grep -q "sandbox ready" "$work/rec.err" 2>/dev/null; do
-  if ! kill -0 "$rec" 2>/dev/null; then cat "$work/rec.err"; exit 1; fi
-  sleep 0.1
-done
+wait_ready "$work/rec.err" "$rec"
 grep "working set recorded" "$work/rec.err"
 $agent envd --connect "hvsock:$work/rec.sock:49983" shutdown
 wait "$rec"
@@ -39,10 +43,7 @@ ENVD_NEW_ACCESS_TOKEN=demo-token $agent restore --snapshot "$work/snap" --vsock-
   --console-log "$work/sbx.log" --env SANDBOX_ID=sbx-1 --env GREETING=hello \
   --timings-json "$work/timings.json" -- echo hello from the restored sandbox 2>"$work/sbx.err" &
 sbx=$!
-while ! grep -q "sandbox ready" "$work/sbx.err" 2>/dev/null; do
-  if ! kill -0 "$sbx" 2>/dev/null; then cat "$work/sbx.err"; exit 1; fi
-  sleep 0.1
-done
+wait_ready "$work/sbx.err" "$sbx"
 grep -v "restore_to_first_exec_ms" "$work/sbx.err"
 export ENVD_TOKEN=demo-token
 cli() { $agent envd --connect "hvsock:$work/sbx.sock:49983" "$@"; }

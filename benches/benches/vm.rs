@@ -230,23 +230,27 @@ fn record_working_set(s: &Setup) {
             .args(["--record-working-set", "--env", "SANDBOX_ID=bench"])
             .args(["--", "/bin/true"]),
     );
+    let said = stderr_until_ready(&mut child);
+    stop(child);
+    let recorded = said.iter().find(|l| l.contains("working set recorded"));
+    eprintln!(
+        "{}",
+        recorded.expect("the recording restore did not record a working set")
+    );
+}
+
+/// What a `host-agent restore` printed on stderr before `sandbox ready` (or before it exited).
+fn stderr_until_ready(child: &mut Child) -> Vec<String> {
     let stderr = child.stderr.take().expect("stderr");
-    let mut recorded = false;
+    let mut said = Vec::new();
     for line in BufReader::new(stderr).lines() {
         let line = line.expect("stderr line");
-        if line.contains("working set recorded") {
-            eprintln!("{line}");
-            recorded = true;
-        }
         if line.contains("sandbox ready") {
             break;
         }
+        said.push(line);
     }
-    stop(child);
-    assert!(
-        recorded,
-        "the recording restore did not record a working set"
-    );
+    said
 }
 
 fn setup() -> Option<Setup> {
@@ -292,15 +296,7 @@ fn agent_restore_once(s: &Setup, i: u64) -> (Duration, serde_json::Value) {
             .arg(&timings)
             .args(["--", "/bin/true"]),
     );
-    let stderr = child.stderr.take().expect("stderr");
-    let mut said = Vec::new();
-    for line in BufReader::new(stderr).lines() {
-        let line = line.expect("stderr line");
-        if line.contains("sandbox ready") {
-            break;
-        }
-        said.push(line);
-    }
+    let said = stderr_until_ready(&mut child);
     let elapsed = started.elapsed();
     stop(child);
     // A restore that failed fast must not pass for a fast restore.
