@@ -45,7 +45,7 @@ fn a_real_mode_payload_prints_on_the_serial_port_and_powers_off() {
         return;
     }
     let vm = Vm::new().expect("create VM");
-    let mem = memory::create(64).expect("memory");
+    let (mem, _mappings) = memory::create(64).expect("memory");
     vm.register_memory(&mem).expect("memory slots");
     mem.write_slice(PAYLOAD, GuestAddress(LOAD_ADDR)).unwrap();
 
@@ -101,7 +101,7 @@ fn a_spinning_vcpu_pauses_saves_its_state_and_resumes() {
         return;
     }
     let vm = Vm::new().expect("create VM");
-    let mem = memory::create(64).expect("memory");
+    let (mem, _mappings) = memory::create(64).expect("memory");
     vm.register_memory(&mem).expect("memory slots");
     mem.write_slice(SPIN, GuestAddress(LOAD_ADDR)).unwrap();
     let vcpu = real_mode_vcpu(&vm);

@@ -13,7 +13,7 @@ pub struct AnchorError(String);
 pub fn create_vm_with_vcpu() -> Result<(), AnchorError> {
     let err = |e: &dyn std::fmt::Display| AnchorError(e.to_string());
     let vm = Vm::new().map_err(|e| err(&e))?;
-    let mem = memory::create(memory::MIN_MEM_MIB).map_err(|e| err(&e))?;
+    let (mem, _mappings) = memory::create(memory::MIN_MEM_MIB).map_err(|e| err(&e))?;
     vm.register_memory(&mem).map_err(|e| err(&e))?;
     let vcpu = Vcpu::new(&vm, 0).map_err(|e| err(&e))?;
     vcpu.configure(&vm, 1, Some(0x100_0200))

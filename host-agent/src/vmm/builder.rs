@@ -11,10 +11,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use kvm_bindings::KVM_MAX_CPUID_ENTRIES;
 use kvm_ioctls::IoEventAddress;
 use linux_loader::loader::{bzimage::BzImage, elf::Elf, load_cmdline, Cmdline, KernelLoader};
-use vm_memory::{
-    Bytes, FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestRegionMmap,
-    MmapRegion,
-};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::acpi::{self, MmioDeviceInfo};
@@ -27,7 +24,7 @@ use super::devices::virtio::vsock::{Vsock, VsockHandle};
 use super::layout::*;
 use super::persist::{CpuModel, MicrovmState, VsockDeviceState};
 use super::snapshot::{self, SnapshotError, SnapshotKind, SnapshotMeta};
-use super::vstate::memory::{self, GuestMemory, MemoryError};
+use super::vstate::memory::{self, GuestMemory, MemoryError, RamMappings};
 use super::vstate::vcpu::{Vcpu, VcpuError, VcpuHandle};
 use super::vstate::vm::{Vm, VmError};
 use super::working_set::{self, WorkingSet, WorkingSetError};
@@ -141,6 +138,8 @@ pub struct Vmm {
     cpu: CpuModel,
     /// Where the time went while building or restoring, in order.
     pub timings: Vec<(&'static str, Duration)>,
+    /// Last, so that it is dropped after every device holding the memory.
+    ram: RamMappings,
 }
 
 /// Whether the kernel file is an ELF image (a vmlinux) rather than a bzImage. Leaves the file at
@@ -277,7 +276,7 @@ impl Vmm {
 
         let mut timings = vec![("files_read", started.elapsed())];
         let vm = Vm::new()?;
-        let mem = memory::create(cfg.mem_mib)?;
+        let (mem, ram) = memory::create(cfg.mem_mib)?;
         vm.register_memory(&mem)?;
         let mem_size = cfg.mem_mib << 20;
         timings.push(("vm_created", started.elapsed()));
@@ -407,6 +406,7 @@ impl Vmm {
                 timings.push(("vm_built", started.elapsed()));
                 timings
             },
+            ram,
         })
     }
 
@@ -448,7 +448,8 @@ impl Vmm {
         }
         timings.push(("vm_created", started.elapsed()));
 
-        let mem = map_private(&mem_file, mem_size)?;
+        let (mem, ram) =
+            memory::map_file_private(&mem_file, mem_size).map_err(RestoreError::Map)?;
         timings.push(("memory_mapped", started.elapsed()));
         if cfg.apply_working_set {
             if let Some(set) = WorkingSet::load(&cfg.snapshot_dir, &mem)? {
@@ -525,19 +526,28 @@ impl Vmm {
             msr_indices,
             cpu: host,
             timings,
+            ram,
         })
     }
 
     /// Starts the vCPUs.
-    pub fn start(self) -> Result<RunningVm, BuildError> {
+    pub fn start(mut self) -> Result<RunningVm, BuildError> {
         let mut handles = Vec::new();
         for vcpu in self.vcpus {
-            handles.push(vcpu.spawn(
+            match vcpu.spawn(
                 self.io_bus.clone(),
                 self.mmio_bus.clone(),
                 self.stop_tx.clone(),
                 self.msr_indices.clone(),
-            )?);
+            ) {
+                Ok(handle) => handles.push(handle),
+                Err(e) => {
+                    if !stop_vcpus(handles) {
+                        self.ram.leak();
+                    }
+                    return Err(e.into());
+                }
+            }
         }
         Ok(RunningVm {
             vm: self.vm,
@@ -553,30 +563,16 @@ impl Vmm {
             vsock: self.vsock,
             cpu: self.cpu,
             received_instance_init: AtomicBool::new(false),
+            ram: self.ram,
         })
     }
 }
 
-/// Maps a snapshot's memory file privately: reads come from the file (and the page cache shared
-/// by every clone of the template), writes go to this process's own copies.
-fn map_private(file: &File, size: u64) -> Result<GuestMemory, RestoreError> {
-    let mut regions = Vec::new();
-    let mut offset = 0u64;
-    for (addr, len) in memory::ram_ranges(size) {
-        let fd = file.try_clone().map_err(BuildError::from)?;
-        let region = MmapRegion::build(
-            Some(FileOffset::new(fd, offset)),
-            len as usize,
-            libc::PROT_READ | libc::PROT_WRITE,
-            libc::MAP_NORESERVE | libc::MAP_PRIVATE,
-        )
-        .map_err(|e| RestoreError::Map(e.to_string()))?;
-        let region = GuestRegionMmap::new(region, addr)
-            .ok_or_else(|| RestoreError::Map("region address overflow".into()))?;
-        regions.push(region);
-        offset += len;
-    }
-    GuestMemoryMmap::from_regions(regions).map_err(|e| RestoreError::Map(e.to_string()))
+/// Ends the vCPU threads (see `VcpuHandle::stop`); false when one of them did not end.
+fn stop_vcpus(handles: Vec<VcpuHandle>) -> bool {
+    // Every handle is stopped, even after one failed (hence no `all`, which stops early).
+    let stopped: Vec<bool> = handles.into_iter().map(VcpuHandle::stop).collect();
+    stopped.into_iter().all(|s| s)
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -588,7 +584,7 @@ pub enum RestoreError {
     #[error("the snapshot has a vsock device: give the new sandbox a vsock socket path")]
     NeedsVsock,
     #[error("cannot map the snapshot's memory: {0}")]
-    Map(String),
+    Map(MemoryError),
     #[error(transparent)]
     WorkingSet(#[from] WorkingSetError),
 }
@@ -657,6 +653,19 @@ pub struct RunningVm {
     vsock: Option<VsockAttachment>,
     cpu: CpuModel,
     received_instance_init: AtomicBool,
+    /// Last, so that it is dropped after every device holding the memory (the vCPU threads are
+    /// ended first, in `drop`).
+    ram: RamMappings,
+}
+
+impl Drop for RunningVm {
+    fn drop(&mut self) {
+        let handles = std::mem::take(&mut lock(&self.vcpus).handles);
+        if !stop_vcpus(handles) {
+            tracing::error!("a vCPU thread did not end: its guest memory stays mapped");
+            self.ram.leak();
+        }
+    }
 }
 
 impl RunningVm {

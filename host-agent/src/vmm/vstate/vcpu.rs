@@ -462,6 +462,33 @@ impl VcpuHandle {
         }
     }
 
+    /// Ends the vCPU thread and waits for it: a running vCPU is kicked out of KVM_RUN and finds
+    /// the VMM gone, a paused one stops waiting for a resume. False when the thread did not end
+    /// within the pause deadline (or panicked): it may still touch guest memory then.
+    pub fn stop(self) -> bool {
+        let VcpuHandle {
+            id,
+            requests,
+            events,
+            thread,
+        } = self;
+        drop(requests);
+        let started = Instant::now();
+        loop {
+            let _ = thread.kill(kick_signal());
+            // The thread's end drops its side of the events channel.
+            match events.recv_timeout(KICK_INTERVAL) {
+                Err(RecvTimeoutError::Disconnected) => break,
+                Ok(_) | Err(RecvTimeoutError::Timeout) => {}
+            }
+            if started.elapsed() > PAUSE_DEADLINE {
+                tracing::error!(vcpu = id, "the vCPU thread did not end");
+                return false;
+            }
+        }
+        thread.join().is_ok()
+    }
+
     /// Saves the state of a paused vCPU.
     pub fn save(&self) -> Result<VcpuState, VcpuError> {
         let (tx, rx) = mpsc::channel();
