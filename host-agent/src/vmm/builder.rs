@@ -257,13 +257,18 @@ impl Vmm {
             path: cfg.kernel.clone(),
             source,
         })?;
-        let initrd = match &cfg.initrd {
-            Some(path) => Some(
-                std::fs::read(path).map_err(|source| BuildError::InitrdFile {
+        // Opened (and sized) before any KVM work, so a missing initrd fails fast; read straight
+        // into guest memory below.
+        let mut initrd = match &cfg.initrd {
+            Some(path) => {
+                let initrd_err = |source| BuildError::InitrdFile {
                     path: path.clone(),
                     source,
-                })?,
-            ),
+                };
+                let file = File::open(path).map_err(initrd_err)?;
+                let size = file.metadata().map_err(initrd_err)?.len();
+                Some((file, size, path))
+            }
             None => None,
         };
         let console = match &cfg.console_log {
@@ -301,22 +306,26 @@ impl Vmm {
         };
         timings.push(("kernel_loaded", started.elapsed()));
         let header = loaded.setup_header;
-        let initrd_place = match &initrd {
-            Some(bytes) => {
+        let initrd_place = match &mut initrd {
+            Some((file, size, path)) => {
                 let max = header.map_or(0x37ff_ffff, |h| h.initrd_addr_max);
-                let addr = boot::initrd_address(mem_size, max, bytes.len() as u64)
+                let too_large = BuildError::InitrdTooLarge {
+                    size: *size,
+                    mem_mib: cfg.mem_mib,
+                };
+                let addr = boot::initrd_address(mem_size, max, *size)
                     .filter(|a| *a >= loaded.kernel_end)
-                    .ok_or(BuildError::InitrdTooLarge {
-                        size: bytes.len() as u64,
-                        mem_mib: cfg.mem_mib,
-                    })?;
-                mem.write_slice(bytes, GuestAddress(addr)).map_err(|_| {
-                    BuildError::InitrdTooLarge {
-                        size: bytes.len() as u64,
-                        mem_mib: cfg.mem_mib,
-                    }
+                    .ok_or(too_large)?;
+                let len = u32::try_from(*size).map_err(|_| BuildError::InitrdTooLarge {
+                    size: *size,
+                    mem_mib: cfg.mem_mib,
                 })?;
-                Some((addr, bytes.len() as u32))
+                mem.read_exact_volatile_from(GuestAddress(addr), file, len as usize)
+                    .map_err(|e| BuildError::InitrdFile {
+                        path: path.to_path_buf(),
+                        source: std::io::Error::other(e.to_string()),
+                    })?;
+                Some((addr, len))
             }
             None => None,
         };

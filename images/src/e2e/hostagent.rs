@@ -372,6 +372,39 @@ pub fn bad_input_cases(runner: &Runner<'_>) -> Vec<BadInput> {
         vec![corrupt.clone()],
     ));
 
+    let kernel = runner
+        .template_dir
+        .join("vmlinux")
+        .to_string_lossy()
+        .into_owned();
+    let no_initrd = p("no-such-initrd");
+    cases.push(case(
+        "missing initrd file",
+        strs(&["run", "--kernel", &kernel, "--initrd", &no_initrd]),
+        quick,
+        vec![no_initrd.clone()],
+    ));
+
+    // 16 MiB (sparse) cannot sit next to a ~60 MiB kernel in 64 MiB of guest memory.
+    let big_initrd = p("big-initrd");
+    if let Err(e) = std::fs::File::create(&big_initrd).and_then(|f| f.set_len(16 << 20)) {
+        tracing::warn!("cannot create {big_initrd}: {e}");
+    }
+    cases.push(case(
+        "initrd too large for guest memory",
+        strs(&[
+            "run",
+            "--kernel",
+            &kernel,
+            "--initrd",
+            &big_initrd,
+            "--mem-mib",
+            "64",
+        ]),
+        quick,
+        strs(&["does not fit"]),
+    ));
+
     cases.push(case(
         "--mem-mib 32",
         strs(&["run", "--template", &template, "--mem-mib", "32"]),
