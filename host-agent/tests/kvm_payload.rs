@@ -128,3 +128,37 @@ fn a_spinning_vcpu_pauses_saves_its_state_and_resumes() {
     );
     handle.pause().expect("pause");
 }
+
+#[test]
+fn stopping_a_vcpu_ends_its_thread_whether_it_runs_or_is_paused() {
+    if !std::path::Path::new("/dev/kvm").exists() {
+        eprintln!("skipped: no /dev/kvm");
+        return;
+    }
+    for pause_first in [false, true] {
+        let vm = Vm::new().expect("create VM");
+        let (mem, _mappings) = memory::create(64).expect("memory");
+        vm.register_memory(&mem).expect("memory slots");
+        mem.write_slice(SPIN, GuestAddress(LOAD_ADDR)).unwrap();
+        let (stop_tx, stop_rx) = channel();
+        let handle = real_mode_vcpu(&vm)
+            .spawn(
+                Arc::new(Bus::default()),
+                Arc::new(Bus::default()),
+                stop_tx,
+                Arc::new(Vec::new()),
+            )
+            .unwrap();
+        if pause_first {
+            handle.pause().expect("pause");
+        }
+        assert!(
+            handle.stop(),
+            "the vCPU thread ended (paused first: {pause_first})"
+        );
+        match stop_rx.recv_timeout(std::time::Duration::from_secs(10)) {
+            Ok(VmStop::Failed(why)) => assert!(why.contains("VMM went away"), "{why}"),
+            other => panic!("unexpected stop report: {other:?}"),
+        }
+    }
+}
