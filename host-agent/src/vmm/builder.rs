@@ -309,17 +309,14 @@ impl Vmm {
         let initrd_place = match &mut initrd {
             Some((file, size, path)) => {
                 let max = header.map_or(0x37ff_ffff, |h| h.initrd_addr_max);
-                let too_large = BuildError::InitrdTooLarge {
+                let too_large = || BuildError::InitrdTooLarge {
                     size: *size,
                     mem_mib: cfg.mem_mib,
                 };
                 let addr = boot::initrd_address(mem_size, max, *size)
                     .filter(|a| *a >= loaded.kernel_end)
-                    .ok_or(too_large)?;
-                let len = u32::try_from(*size).map_err(|_| BuildError::InitrdTooLarge {
-                    size: *size,
-                    mem_mib: cfg.mem_mib,
-                })?;
+                    .ok_or_else(too_large)?;
+                let len = u32::try_from(*size).map_err(|_| too_large())?;
                 mem.read_exact_volatile_from(GuestAddress(addr), file, len as usize)
                     .map_err(|e| BuildError::InitrdFile {
                         path: path.to_path_buf(),
