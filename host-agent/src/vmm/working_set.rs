@@ -23,7 +23,7 @@ use std::path::{Path, PathBuf};
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 
 use crate::vmm::snapshot::{self, SnapshotError};
-use crate::vmm::vstate::memory::GuestMemory;
+use crate::vmm::vstate::memory::{self, GuestMemory, MemoryError};
 
 /// The unit of the working set: one x86-64 huge page.
 pub const REGION_BYTES: u64 = 2 << 20;
@@ -70,7 +70,7 @@ pub enum WorkingSetError {
     #[error("cannot read this process's page map: {0}")]
     Pagemap(std::io::Error),
     #[error("cannot map memory to copy the working set into: {0}")]
-    Staging(std::io::Error),
+    Staging(MemoryError),
     #[error("cannot give guest memory region {index} its own huge page: {source}")]
     Materialize { index: u64, source: std::io::Error },
 }
@@ -225,8 +225,8 @@ pub fn materialize(mem: &GuestMemory, indices: &[u64]) -> Result<usize, WorkingS
         // SAFETY: moves the filled piece (pages and all, a huge page moves as one) onto the
         // region's place in guest memory, replacing the private file mapping there. Both ranges
         // are REGION_BYTES long, 2 MiB-aligned and owned by this process: `host` lies inside
-        // `mem`'s mapping, which outlives this call and is unmapped as a whole when `mem` drops;
-        // the guest does not run yet and KVM does not map this memory yet.
+        // `mem`'s mapping, which outlives this call and is unmapped as a whole by its owner
+        // (`memory::RamMappings`); the guest does not run yet and KVM does not map this memory yet.
         let moved = unsafe {
             libc::mremap(
                 piece.cast(),
@@ -246,52 +246,21 @@ pub fn materialize(mem: &GuestMemory, indices: &[u64]) -> Result<usize, WorkingS
     Ok(places.len())
 }
 
-/// An anonymous, 2 MiB-aligned mapping with huge pages asked for, cut into pieces that are moved
-/// away one by one; what is left of it is unmapped on drop.
+/// An anonymous, 2 MiB-aligned mapping with huge pages asked for ([`memory::map_aligned`]), cut
+/// into pieces that are moved away one by one; what is left of it is unmapped on drop.
 struct Staging {
-    base: *mut u8,
-    len: usize,
     aligned: *mut u8,
+    len: usize,
 }
 
 impl Staging {
     fn new(regions: usize) -> Result<Self, WorkingSetError> {
-        let len = (regions as u64 + 1) * REGION_BYTES;
-        // SAFETY: a fresh private anonymous mapping; no existing memory is touched.
-        let base = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len as usize,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
-                -1,
-                0,
-            )
-        };
-        if base == libc::MAP_FAILED {
-            return Err(WorkingSetError::Staging(std::io::Error::last_os_error()));
-        }
-        let base = base.cast::<u8>();
-        let skip = (REGION_BYTES - base as u64 % REGION_BYTES) % REGION_BYTES;
-        let aligned = base.wrapping_add(skip as usize);
-        let staging = Staging {
-            base,
-            len: len as usize,
-            aligned,
-        };
-        // SAFETY: the aligned part lies inside the mapping just created; MADV_HUGEPAGE changes how
-        // the kernel backs it, never its contents.
-        let rc = unsafe {
-            libc::madvise(
-                aligned.cast(),
-                (regions as u64 * REGION_BYTES) as usize,
-                libc::MADV_HUGEPAGE,
-            )
-        };
-        if rc != 0 {
-            tracing::debug!(error = %std::io::Error::last_os_error(), "working set: no huge pages");
-        }
-        Ok(staging)
+        let len = regions * REGION_BYTES as usize;
+        let aligned = memory::map_aligned(len, None).map_err(WorkingSetError::Staging)?;
+        Ok(Staging {
+            aligned: aligned as *mut u8,
+            len,
+        })
     }
 
     fn piece(&self, i: usize) -> *mut u8 {
@@ -301,9 +270,9 @@ impl Staging {
 
 impl Drop for Staging {
     fn drop(&mut self) {
-        // SAFETY: `base..base+len` is the mapping `new` created; the pieces moved out of it are no
-        // longer part of it, and munmap skips holes.
-        unsafe { libc::munmap(self.base.cast(), self.len) };
+        // SAFETY: `aligned..aligned+len` is the mapping `new` created; the pieces moved out of it
+        // are no longer part of it, and munmap skips holes.
+        unsafe { libc::munmap(self.aligned.cast(), self.len) };
     }
 }
 

@@ -18,10 +18,7 @@ use std::fs::File;
 use std::os::fd::AsRawFd;
 
 use vm_memory::mmap::MmapRegionBuilder;
-use vm_memory::{
-    FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion,
-    GuestRegionMmap,
-};
+use vm_memory::{FileOffset, GuestAddress, GuestMemoryMmap, GuestRegionMmap};
 
 use crate::vmm::layout::{MMIO_GAP_END, MMIO_GAP_START};
 
@@ -85,9 +82,10 @@ impl Drop for RamMappings {
 }
 
 /// Maps `len` bytes (a multiple of the page size) readable and writable at a host address
-/// aligned to [`HOST_ALIGN`]: anonymous, or `file` from `offset` on. Private and not reserved up
-/// front either way.
-fn map_aligned(len: usize, file: Option<(&File, u64)>) -> Result<usize, MemoryError> {
+/// aligned to [`HOST_ALIGN`]: anonymous (with transparent huge pages asked for; a kernel with THP
+/// off ignores the advice), or `file` from `offset` on. Private and not reserved up front either
+/// way. The caller owns the mapping and unmaps it.
+pub(crate) fn map_aligned(len: usize, file: Option<(&File, u64)>) -> Result<usize, MemoryError> {
     let map_err = |source| MemoryError::Map { len, source };
     let reserve_len = len
         .checked_add(HOST_ALIGN)
@@ -137,10 +135,20 @@ fn map_aligned(len: usize, file: Option<(&File, u64)>) -> Result<usize, MemoryEr
         // SAFETY: a part of the reservation above that holds no mapping anyone uses.
         unsafe { libc::munmap(addr as *mut libc::c_void, n) };
     }
-    match mapped_err {
-        Some(source) => Err(map_err(source)),
-        None => Ok(aligned),
+    if let Some(source) = mapped_err {
+        return Err(map_err(source));
     }
+    if file.is_none() {
+        // SAFETY: `aligned..aligned+len` is the mapping just made; MADV_HUGEPAGE only changes how
+        // the kernel backs it, never its contents or validity.
+        if unsafe { libc::madvise(aligned as *mut libc::c_void, len, libc::MADV_HUGEPAGE) } != 0 {
+            tracing::debug!(
+                error = %std::io::Error::last_os_error(),
+                "guest memory: no transparent huge pages"
+            );
+        }
+    }
+    Ok(aligned)
 }
 
 /// Guest memory over `ranges`, each range mapped by [`map_aligned`] (the file, when given, holds
@@ -187,21 +195,7 @@ pub fn create(mem_mib: u64) -> Result<(GuestMemory, RamMappings), MemoryError> {
     if mem_mib < MIN_MEM_MIB {
         return Err(MemoryError::TooSmall(mem_mib));
     }
-    let (mem, mappings) = map_ranges(&ram_ranges(mem_mib << 20), None)?;
-    for region in mem.iter() {
-        let (addr, len) = (region.as_ptr(), region.len() as usize);
-        // SAFETY: `addr..addr+len` is exactly one mapping this process owns (created just above and
-        // alive as long as `mappings`); MADV_HUGEPAGE only changes how the kernel backs it, never
-        // its contents or validity.
-        let rc = unsafe { libc::madvise(addr.cast(), len, libc::MADV_HUGEPAGE) };
-        if rc != 0 {
-            tracing::debug!(
-                error = %std::io::Error::last_os_error(),
-                "guest memory: no transparent huge pages"
-            );
-        }
-    }
-    Ok((mem, mappings))
+    map_ranges(&ram_ranges(mem_mib << 20), None)
 }
 
 /// Maps a snapshot's memory file (`size` bytes of guest RAM, its ranges back to back) privately:
@@ -214,7 +208,7 @@ pub fn map_file_private(file: &File, size: u64) -> Result<(GuestMemory, RamMappi
 #[cfg(test)]
 mod tests {
     use super::*;
-    use vm_memory::Bytes;
+    use vm_memory::{Bytes, GuestMemoryBackend, GuestMemoryRegion};
 
     #[test]
     fn ranges_skip_the_mmio_gap() {
