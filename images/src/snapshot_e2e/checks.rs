@@ -379,6 +379,7 @@ impl Run {
                 &envs,
                 &["sh", "-c", &format!("{ECHO_ENV}; date +%s")],
                 (i == 0).then_some(VSOCK_DEBUG),
+                &[],
             ) {
                 Ok(sb) => pending.push(Clone { id: i, secret, sb }),
                 Err(e) => failed.push(format!("clone {i}: {e}")),
@@ -718,6 +719,7 @@ impl Run {
             &[],
             &["date", "+%s"],
             Some(VSOCK_DEBUG),
+            &[],
         )?;
         r.wait_ready(env.until(Duration::from_secs(120)))
             .map_err(|e| format!("restore of the full snapshot: {e}; {}", r.tails()))?;
@@ -1144,6 +1146,7 @@ impl Run {
             &[("CLONE_ID".into(), "timing".into())],
             &["echo", "first-exec"],
             None,
+            &[],
         )?;
         t.wait_ready(env.until(Duration::from_secs(120)))
             .map_err(|e| format!("{e}; {}", t.tails()))?;
@@ -1221,7 +1224,7 @@ impl Run {
         files::link_or_copy(&snap.join("memory"), &copy.join("memory"))
             .map_err(|e| format!("copying memory: {e}"))?;
         let deadline = env.until(Duration::from_secs(120));
-        let mut rec = Sandbox::restore_with(
+        let mut rec = Sandbox::restore(
             env,
             "ws-record",
             &copy,
@@ -1264,6 +1267,7 @@ impl Run {
             &[("WS".to_string(), "applied".to_string())],
             &["sh", "-c", "echo $WS"],
             None,
+            &[],
         )?;
         sb.wait_ready(env.until(Duration::from_secs(120)))?;
         let first = sb.proc.stdout();

@@ -93,20 +93,9 @@ impl Sandbox {
         })
     }
 
-    /// `host-agent restore --snapshot D ... [--env K=V]... [-- FIRST]` (does not wait for it).
+    /// `host-agent restore --snapshot D ... [EXTRA]... [--env K=V]... [-- FIRST]` (does not wait
+    /// for it); `extra` holds more of restore's options.
     pub fn restore(
-        env: &Env,
-        name: &str,
-        snapshot: &Path,
-        envs: &[(String, String)],
-        first: &[&str],
-        log_filter: Option<&str>,
-    ) -> Result<Sandbox, String> {
-        Self::restore_with(env, name, snapshot, envs, first, log_filter, &[])
-    }
-
-    /// [`Sandbox::restore`] with more of restore's options (`extra`).
-    pub fn restore_with(
         env: &Env,
         name: &str,
         snapshot: &Path,
