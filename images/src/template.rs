@@ -252,6 +252,8 @@ pub fn build_template(opts: &TemplateOptions, cache: &DebCache) -> Result<Manife
     }
     // Templates built before vmlinux was extracted must be rebuilt to get one.
     inputs.update(b"with vmlinux\n");
+    // ... and those from before its segments' zero tails were trimmed, to get that.
+    inputs.update(b"vmlinux zero tails trimmed\n");
     let inputs_sha256 = hex(&inputs.finalize());
     if let Some(m) = read_manifest(&opts.out) {
         let unchanged = m.inputs_sha256 == inputs_sha256
@@ -294,7 +296,9 @@ pub fn build_template(opts: &TemplateOptions, cache: &DebCache) -> Result<Manife
     let _ = std::fs::remove_file(&vmlinux);
     let mut files = vec![("vmlinuz", &vmlinuz), ("initrd", &initrd)];
     match crate::vmlinux::extract(&bz) {
-        Ok(elf) => {
+        Ok(mut elf) => {
+            let trimmed = crate::vmlinux::trim_segment_zero_tails(&mut elf);
+            tracing::debug!(trimmed, "vmlinux segments' zero tails left to the loader");
             std::fs::write(&vmlinux, elf).map_err(io_err(&vmlinux))?;
             files.push(("vmlinux", &vmlinux));
         }

@@ -50,6 +50,26 @@ pub struct VmConfig {
 
 pub const MAX_VCPUS: u8 = 32;
 
+/// What the guest kernel is told about this machine on top of the configured command line: it
+/// has no PCI bus, so the kernel does not probe the configuration ports for one (and does not log
+/// "PCI: Fatal: No config space access function found" on every boot). Left out where the
+/// configured command line already says something about `pci=`.
+const MACHINE_CMDLINE: &str = "pci=off";
+
+/// The configured command line with this machine's own arguments.
+fn guest_cmdline(configured: &str) -> String {
+    if configured
+        .split_whitespace()
+        .any(|arg| arg.starts_with("pci="))
+    {
+        configured.to_string()
+    } else {
+        format!("{configured} {MACHINE_CMDLINE}")
+            .trim_start()
+            .to_string()
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum BuildError {
     #[error("between 1 and {MAX_VCPUS} vCPUs are supported, not {0}")]
@@ -331,7 +351,7 @@ impl Vmm {
         let mut cmdline =
             Cmdline::new(CMDLINE_MAX_SIZE).map_err(|e| BuildError::Cmdline(e.to_string()))?;
         cmdline
-            .insert_str(&cfg.cmdline)
+            .insert_str(guest_cmdline(&cfg.cmdline))
             .map_err(|e| BuildError::Cmdline(e.to_string()))?;
         load_cmdline(&mem, GuestAddress(CMDLINE_START), &cmdline)
             .map_err(|e| BuildError::Cmdline(e.to_string()))?;
@@ -370,6 +390,7 @@ impl Vmm {
             mmio_devices.push(info);
         }
 
+        timings.push(("devices_attached", started.elapsed()));
         let rsdp = acpi::write_tables(&mem, cfg.vcpus, &mmio_devices)?;
         let params = boot::zero_page(
             header,
@@ -383,6 +404,7 @@ impl Vmm {
         )?;
         boot::write_zero_page(&mem, &params)?;
         regs::write_boot_tables(&mem)?;
+        timings.push(("boot_tables_written", started.elapsed()));
 
         let mut vcpus = Vec::new();
         for id in 0..cfg.vcpus {
@@ -810,5 +832,23 @@ impl RunningVm {
             memory_bytes_written: written,
             took_ms: started.elapsed().as_millis() as u64,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::guest_cmdline;
+
+    #[test]
+    fn the_machine_adds_pci_off_unless_told_otherwise() {
+        assert_eq!(
+            guest_cmdline("console=ttyS0 quiet"),
+            "console=ttyS0 quiet pci=off"
+        );
+        assert_eq!(guest_cmdline(""), "pci=off");
+        assert_eq!(
+            guest_cmdline("console=ttyS0 pci=noacpi"),
+            "console=ttyS0 pci=noacpi"
+        );
     }
 }
