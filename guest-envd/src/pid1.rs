@@ -128,24 +128,28 @@ pub fn ensure_console() {
     }
 }
 
-/// Loads each kernel module in order. Already-loaded (or built-in) modules are fine.
-pub fn load_modules(modules: &[impl AsRef<Path>]) -> Vec<(String, io::Error)> {
-    let mut failures = Vec::new();
-    for module in modules {
-        let path = module.as_ref();
-        let result = File::open(path).and_then(|file| {
-            finit_module(&file, c"", ModuleInitFlags::empty()).map_err(io::Error::from)
-        });
-        match result {
-            Ok(()) => tracing::debug!(module = %path.display(), "module loaded"),
-            Err(e) if e.raw_os_error() == Some(libc::EEXIST) => {}
-            Err(e) => {
-                tracing::warn!(module = %path.display(), error = %e, "cannot load module");
-                failures.push((path.display().to_string(), e));
-            }
+/// Loads a kernel module; one already loaded (or built in) is fine. A failure is logged.
+pub fn load_module(path: &Path) -> io::Result<()> {
+    let result = File::open(path).and_then(|file| {
+        finit_module(&file, c"", ModuleInitFlags::empty()).map_err(io::Error::from)
+    });
+    match result {
+        Ok(()) => {
+            tracing::debug!(module = %path.display(), "module loaded");
+            Ok(())
+        }
+        Err(e) if e.raw_os_error() == Some(libc::EEXIST) => Ok(()),
+        Err(e) => {
+            tracing::warn!(module = %path.display(), error = %e, "cannot load module");
+            Err(e)
         }
     }
-    failures
+}
+
+/// Whether the vsock core module is loaded (AF_VSOCK sockets can be made without the kernel
+/// asking for a module first).
+pub fn vsock_family_loaded() -> bool {
+    Path::new("/sys/module/vsock").exists()
 }
 
 /// Steps the realtime clock to `at`.

@@ -113,7 +113,7 @@ fn main() -> anyhow::Result<()> {
                     "not attempted: the template did not boot",
                 );
             }
-            hostagent::extra_checks(&runner, &mut s, &mut out);
+            hostagent::extra_checks(&runner, &ha, &mut s, &mut out);
         }
         ran[k] = Some(s);
     }

@@ -129,8 +129,67 @@ fn guest_connect(c: &Ctx<'_>, vm: &Vm) -> Result<String, String> {
     Ok(format!("{:?} arrived, {:?} went back", got, reply))
 }
 
-/// host-agent's extra checks that need their own VMs: bad input.
-pub fn extra_checks(runner: &Runner<'_>, s: &mut Summary, out: &mut dyn Write) {
+/// A host connection made while the guest still boots: host-agent holds it until the guest's vsock
+/// comes up, and envd, which listens before its vsock transport module brings the device up, takes
+/// it then. One attempt, no retry: an envd that listened only after the device came up refused it
+/// (the client then had to wait out its retry interval).
+fn early_connection(runner: &Runner<'_>, ha: &HostAgent, dir: &Path) -> Result<String, String> {
+    use super::vmm::Vmm as _;
+    let mut vm = ha.boot(&runner.template(), dir)?;
+    let uds = vm
+        .vsock_uds
+        .clone()
+        .ok_or("this VM has no hybrid-vsock socket")?;
+    let deadline = vm.started + runner.boot_deadline;
+    // The socket exists once the VM is built, well before the guest's kernel is up.
+    let mut stream = loop {
+        match UnixStream::connect(&uds) {
+            Ok(stream) => break stream,
+            Err(e) if Instant::now() > deadline => {
+                return Err(format!("{} never accepted: {e}", uds.display()))
+            }
+            Err(_) => {
+                vm.alive()?;
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        }
+    };
+    let connected = vm.started.elapsed();
+    let port = runner.manifest.envd_port;
+    stream
+        .write_all(format!("CONNECT {port}\n").as_bytes())
+        .map_err(|e| format!("CONNECT: {e}"))?;
+    let _ = stream.set_read_timeout(Some(deadline.saturating_duration_since(Instant::now())));
+    let reply = read_line(&mut stream).map_err(|e| format!("waiting for the guest: {e}"))?;
+    let answered = vm.started.elapsed();
+    if !reply.starts_with("OK ") {
+        return Err(format!(
+            "the connection made {connected:?} after launch was refused ({reply:?}) instead of being taken when envd came up\n{}",
+            vm.tails("host-agent", 20)
+        ));
+    }
+    drop(stream);
+    let cli = runner.cli(&vm.address);
+    Runner::shutdown(&cli, &mut vm)?;
+    Ok(format!(
+        "connected {:.2}s after launch, taken by envd at {:.2}s",
+        connected.as_secs_f64(),
+        answered.as_secs_f64()
+    ))
+}
+
+/// host-agent's extra checks that need their own VMs: a connection made during boot, bad input.
+pub fn extra_checks(runner: &Runner<'_>, ha: &HostAgent, s: &mut Summary, out: &mut dyn Write) {
+    let r = early_connection(
+        runner,
+        ha,
+        &runner.work_dir.join("host-agent-early-connection"),
+    );
+    s.record(
+        out,
+        "a host connection made during boot is taken by envd, not refused",
+        r,
+    );
     for case in bad_input_cases(runner) {
         let what = format!("bad input: {}", case.what);
         let r = case.run();
