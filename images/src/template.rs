@@ -254,6 +254,7 @@ pub fn build_template(opts: &TemplateOptions, cache: &DebCache) -> Result<Manife
     inputs.update(b"with vmlinux\n");
     // ... and those from before its segments' zero tails were trimmed, to get that.
     inputs.update(b"vmlinux zero tails trimmed\n");
+    inputs.update(b"no modprobe applet\n");
     let inputs_sha256 = hex(&inputs.finalize());
     if let Some(m) = read_manifest(&opts.out) {
         let unchanged = m.inputs_sha256 == inputs_sha256
