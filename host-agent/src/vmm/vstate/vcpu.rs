@@ -11,7 +11,7 @@ use kvm_bindings::{
     kvm_sregs, kvm_vcpu_events, kvm_xcrs, kvm_xsave, CpuId, Msrs, KVM_MAX_CPUID_ENTRIES,
     KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN,
 };
-use kvm_ioctls::{VcpuExit, VcpuFd};
+use kvm_ioctls::{Cap, VcpuExit, VcpuFd};
 use serde::{Deserialize, Serialize};
 use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
 
@@ -100,7 +100,8 @@ impl Vcpu {
             "read supported CPUID",
             vm.kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES),
         )?;
-        cpuid::for_vcpu(&mut cpuid, self.id, count);
+        let tsc_deadline = vm.kvm.check_extension(Cap::TscDeadlineTimer);
+        cpuid::for_vcpu(&mut cpuid, self.id, count, tsc_deadline);
         self.setup("set CPUID", self.fd.set_cpuid2(&cpuid))?;
 
         let msrs = Msrs::from_entries(&msr::boot_msrs()).map_err(|_| VcpuError::Setup {
