@@ -128,22 +128,25 @@ async fn run(config: Config) -> anyhow::Result<()> {
 /// needs no transport, so the host's first connection, which reaches the guest the moment the
 /// device comes up, finds envd listening instead of being refused and retried.
 fn listen_and_load_modules(config: &Config) -> anyhow::Result<rpc::Listener> {
-    let modules: &[std::path::PathBuf] = if config.pid1 { &config.modules } else { &[] };
+    let bind = || {
+        rpc::Listener::bind(&config.listen)
+            .with_context(|| format!("cannot listen on {}", config.listen))
+    };
+    if !config.pid1 {
+        return bind();
+    }
+    let modules = &config.modules;
     // Built in, or a Unix socket: listening works before any module.
-    let mut listener = rpc::Listener::bind(&config.listen).ok();
+    let mut listener = bind().ok();
     let mut failed = 0;
     for module in modules {
         if pid1::load_module(module).is_err() {
             failed += 1;
         }
         if listener.is_none() && pid1::vsock_family_loaded() {
-            listener = rpc::Listener::bind(&config.listen).ok();
+            listener = bind().ok();
         }
     }
     tracing::debug!(loaded = modules.len() - failed, failed, "kernel modules");
-    match listener {
-        Some(listener) => Ok(listener),
-        None => rpc::Listener::bind(&config.listen)
-            .with_context(|| format!("cannot listen on {}", config.listen)),
-    }
+    listener.map_or_else(bind, Ok)
 }
