@@ -382,8 +382,14 @@ impl<S: HostStream> Connection<S> {
         if events.intersects(EventSet::HANG_UP | EventSet::ERROR) {
             self.host_hup = true;
             if self.state == State::LocalInit {
-                // The host client left before the guest answered.
-                self.kill();
+                // The host client left before the guest answered. While our REQUEST has not
+                // gone out, the guest never hears of the connection; after it, a RST.
+                if self.pending.has(Pending::REQUEST) {
+                    self.state = State::Dead;
+                    self.pending = Pending::default();
+                } else {
+                    self.kill();
+                }
                 return;
             }
             // Whatever the host wrote before closing is still in the socket: keep reading until
@@ -704,6 +710,26 @@ mod tests {
         host.set_nonblocking(false).unwrap();
         let mut buf = [0u8; 8];
         assert_eq!(host.read(&mut buf).unwrap(), 0);
+    }
+
+    #[test]
+    fn host_leaving_before_the_request_went_out_tells_the_guest_nothing() {
+        let (ours, host) = pair();
+        let mut conn = Connection::new_local(ours, LOCAL_PORT, GUEST_CID, PEER_PORT);
+        drop(host);
+        conn.notify(EventSet::HANG_UP);
+        assert!(conn.is_dead());
+        assert!(!conn.has_pending_rx());
+        assert!(conn.recv_pkt(4096).is_none());
+
+        // Once the REQUEST is out, the guest gets a RST.
+        let (ours, host) = pair();
+        let mut conn = Connection::new_local(ours, LOCAL_PORT, GUEST_CID, PEER_PORT);
+        assert_eq!(conn.recv_pkt(4096).unwrap().0.op, OP_REQUEST);
+        drop(host);
+        conn.notify(EventSet::HANG_UP);
+        assert_eq!(conn.recv_pkt(4096).unwrap().0.op, OP_RST);
+        assert!(conn.is_dead());
     }
 
     #[test]

@@ -283,6 +283,12 @@ impl Muxer {
             tracing::warn!("vsock: cannot stop polling a host client: {e}");
         }
         match port {
+            // Clients that gave up on a guest that was not up yet (a readiness poll's timed-out
+            // attempts) wait in the listener's backlog with their CONNECT line written; they
+            // must not each become a connection the guest accepts and then sees reset.
+            Ok(_) if peer_gone(&hs.stream) => {
+                tracing::debug!("vsock: dropping host client: it left before connecting")
+            }
             Ok(port) => self.host_connect(hs.stream, port),
             Err(why) => tracing::debug!("vsock: dropping host client: {why}"),
         }
@@ -519,6 +525,19 @@ impl Drop for Muxer {
     }
 }
 
+/// Whether the other end of a Unix stream has closed (both directions: not a half-close).
+fn peer_gone(stream: &UnixStream) -> bool {
+    let mut fds = [libc::pollfd {
+        fd: stream.as_raw_fd(),
+        events: 0,
+        revents: 0,
+    }];
+    // SAFETY: `fds` is a valid array of one pollfd for the duration of the call, and the fd
+    // belongs to `stream`, which outlives it; a zero timeout never blocks.
+    let n = unsafe { libc::poll(fds.as_mut_ptr(), 1, 0) };
+    n == 1 && fds[0].revents & libc::POLLHUP != 0
+}
+
 fn prepare_socket_path(path: &Path) -> Result<(), VsockError> {
     let meta = match std::fs::symlink_metadata(path) {
         Ok(m) => m,
@@ -560,6 +579,8 @@ pub fn epoll_timeout_ms(deadline: Option<Instant>) -> i32 {
 
 #[cfg(test)]
 mod tests {
+    use std::io::Write;
+
     use super::super::packet::{OP_RESPONSE, OP_RW};
     use super::*;
 
@@ -679,6 +700,35 @@ mod tests {
         assert!(mux.rx_backlog_full());
         mux.recv_pkt(4096).unwrap();
         assert!(!mux.rx_backlog_full());
+    }
+
+    /// Runs the muxer's event handling until `done` or a few rounds pass (each round handles
+    /// what the previous one registered).
+    fn pump(mux: &mut Muxer, mut done: impl FnMut(&mut Muxer) -> bool) {
+        for _ in 0..10 {
+            mux.process_events();
+            if done(mux) {
+                return;
+            }
+        }
+    }
+
+    #[test]
+    fn host_client_gone_before_its_connect_is_dropped() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("v.sock");
+        let mut mux = Muxer::new(GUEST_CID, path.clone()).unwrap();
+        // A client that wrote its line and gave up, and one still waiting behind it.
+        let mut gone = UnixStream::connect(&path).unwrap();
+        gone.write_all(b"CONNECT 52\n").unwrap();
+        drop(gone);
+        let mut live = UnixStream::connect(&path).unwrap();
+        live.write_all(b"CONNECT 53\n").unwrap();
+        pump(&mut mux, |m| m.connection_count() > 0);
+        assert_eq!(mux.connection_count(), 1);
+        let (hdr, _) = mux.recv_pkt(4096).unwrap();
+        assert_eq!((hdr.op, hdr.dst_port), (OP_REQUEST, 53));
+        assert!(mux.recv_pkt(4096).is_none());
     }
 
     #[test]
