@@ -13,7 +13,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, criterion_main, Criterion, SamplingMode};
-use envd_protocol::{pb, Address, Client};
+use envd_protocol::{pb, Address, Client, READY_ATTEMPT};
 
 const GUEST_CID: u32 = 3;
 const ENVD_PORT: u32 = 49983;
@@ -44,7 +44,7 @@ fn env_path(var: &str, default: &str) -> PathBuf {
 
 /// Polls until envd answers, then sends /init with one instance variable and runs `argv`.
 async fn init_and_exec(addr: &Address, argv: &[&str]) -> Client {
-    let client = Client::connect_when_ready(addr, Duration::from_millis(500), DEADLINE)
+    let client = Client::connect_when_ready(addr, READY_ATTEMPT, DEADLINE)
         .await
         .expect("envd ready");
     client
@@ -139,7 +139,7 @@ fn qemu_snapshot(s: &Setup) {
         port: ENVD_PORT,
     };
     rt().block_on(async {
-        Client::connect_when_ready(&addr, Duration::from_millis(500), DEADLINE)
+        Client::connect_when_ready(&addr, READY_ATTEMPT, DEADLINE)
             .await
             .expect("qemu envd ready")
     });
@@ -200,7 +200,7 @@ fn agent_snapshot(s: &Setup) {
         port: ENVD_PORT,
     };
     rt().block_on(async {
-        Client::connect_when_ready(&addr, Duration::from_millis(500), DEADLINE)
+        Client::connect_when_ready(&addr, READY_ATTEMPT, DEADLINE)
             .await
             .expect("host-agent envd ready")
     });
@@ -386,10 +386,10 @@ fn filter_selects(name: &str) -> bool {
 }
 
 /// Boots the two VMMs alternately, `pairs` times each (which one goes first alternates too), and
-/// writes every sample to `boot_to_first_exec_pairs.json` in the criterion directory, where
-/// bench-report takes the boot ratio from. The criterion group above measures each VMM in a
-/// stretch of its own, so a slow minute of the test host lands on one side only; here it lands
-/// on both.
+/// writes every sample to `boot_to_first_exec_pairs.json` in the criterion directory, from which
+/// bench-report prints `boot_to_first_exec_ratio_vs_qemu_interleaved`. The criterion group above
+/// measures each VMM in a stretch of its own, so a slow minute of the test host lands on one side
+/// only; here it lands on both.
 fn boot_pairs(s: &Setup, pairs: usize) {
     // One boot of each first, not counted: the criterion group before already warmed both, but a
     // filtered run may start here.

@@ -9,7 +9,7 @@ use std::time::{Duration, SystemTime};
 use anyhow::{bail, Context};
 use clap::{Args, Subcommand};
 use envd_protocol::pb::{self, process_event::Event};
-use envd_protocol::{client::end_status, Address, Client};
+use envd_protocol::{client::end_status, Address, Client, READY_ATTEMPT};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 #[derive(Args, Debug)]
@@ -82,7 +82,7 @@ pub async fn run(args: EnvdArgs) -> anyhow::Result<i32> {
     let client = if args.wait_ms > 0 {
         Client::connect_when_ready(
             &args.connect,
-            Duration::from_millis(500),
+            READY_ATTEMPT,
             Duration::from_millis(args.wait_ms),
         )
         .await?

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use clap::Args;
-use envd_protocol::{Address, Client};
+use envd_protocol::{Address, Client, READY_ATTEMPT};
 use host_agent::api;
 use host_agent::template::TemplateBoot;
 use host_agent::vmm::builder::{VmConfig, Vmm, VsockConfig};
@@ -164,11 +164,7 @@ fn wait_for_envd(addr: Address, started: Instant, deadline: Duration, api_sock: 
         Ok(rt) => rt,
         Err(e) => fail(format!("cannot start the async runtime: {e}")),
     };
-    let ready = runtime.block_on(Client::connect_when_ready(
-        &addr,
-        Duration::from_secs(1),
-        deadline,
-    ));
+    let ready = runtime.block_on(Client::connect_when_ready(&addr, READY_ATTEMPT, deadline));
     match ready {
         Ok(_) => eprintln!(
             "host-agent: envd ready {} ms after start",

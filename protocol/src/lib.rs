@@ -28,7 +28,7 @@ pub mod pb {
 }
 
 pub use address::{Address, DEFAULT_VSOCK_PORT};
-pub use client::{Client, ClientError, Output, Process};
+pub use client::{Client, ClientError, Output, Process, READY_ATTEMPT};
 pub use frame::{FrameError, MAX_CHUNK_LEN, MAX_FRAME_LEN};
 
 /// The version of this crate, reported by envd's health answer.

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime};
 
-use envd_protocol::{pb, Address, Client, ClientError};
+use envd_protocol::{pb, Address, Client, ClientError, READY_ATTEMPT};
 use tokio::sync::watch;
 
 use super::error::ApiError;
@@ -224,7 +224,7 @@ impl Sandbox {
     /// Waits for envd to answer health, giving up at the deadline or when the VM stops.
     async fn wait_for_envd(&self, deadline: Duration) -> Result<(), ApiError> {
         let mut stopped = self.stopped.clone();
-        let ready = Client::connect_when_ready(&self.addr, Duration::from_secs(1), deadline);
+        let ready = Client::connect_when_ready(&self.addr, READY_ATTEMPT, deadline);
         tokio::select! {
             r = ready => match r {
                 Ok(_) => {
