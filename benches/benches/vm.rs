@@ -372,6 +372,42 @@ fn qemu_boot_once(s: &Setup) -> Duration {
     elapsed
 }
 
+/// Prints the test host's counters that decide whether a VM's memory gets huge pages (a boot
+/// whose memory falls back to 4 KiB pages pays a nested-paging fault per page it touches), so
+/// that a slow stretch of boots can be told apart from a slow VMM.
+fn print_memory_counters(when: &str) {
+    let vmstat = std::fs::read_to_string("/proc/vmstat").unwrap_or_default();
+    let counter = |key: &str| {
+        vmstat
+            .lines()
+            .find_map(|l| l.strip_prefix(key)?.strip_prefix(' '))
+            .unwrap_or("?")
+            .to_string()
+    };
+    // Free blocks of 2 MiB (order 9) and 4 MiB (order 10), in 2 MiB units, over all zones.
+    let buddy = std::fs::read_to_string("/proc/buddyinfo").unwrap_or_default();
+    let free_2m: u64 = buddy
+        .lines()
+        .filter_map(|l| {
+            let counts: Vec<u64> = l
+                .split_whitespace()
+                .filter_map(|w| w.parse().ok())
+                .collect();
+            // "Node 0, zone Normal c0 .. c10": the node number parses too.
+            let orders = counts.get(1..)?;
+            Some(orders.get(9).copied().unwrap_or(0) + 2 * orders.get(10).copied().unwrap_or(0))
+        })
+        .sum();
+    eprintln!(
+        "test-host memory {when}: thp_fault_alloc {} thp_fault_fallback {} compact_stall {} \
+         compact_fail {} free_2m_blocks {free_2m}",
+        counter("thp_fault_alloc"),
+        counter("thp_fault_fallback"),
+        counter("compact_stall"),
+        counter("compact_fail"),
+    );
+}
+
 /// The name of the interleaved boot comparison (and its file in the criterion directory).
 const BOOT_PAIRS: &str = "boot_to_first_exec_pairs";
 const BOOT_PAIR_COUNT: usize = 10;
@@ -387,9 +423,9 @@ fn filter_selects(name: &str) -> bool {
 
 /// Boots the two VMMs alternately, `pairs` times each (which one goes first alternates too), and
 /// writes every sample to `boot_to_first_exec_pairs.json` in the criterion directory, from which
-/// bench-report prints `boot_to_first_exec_ratio_vs_qemu_interleaved`. The criterion group above
-/// measures each VMM in a stretch of its own, so a slow minute of the test host lands on one side
-/// only; here it lands on both.
+/// bench-report prints `boot_to_first_exec_ratio_vs_qemu`. The criterion group above measures each
+/// VMM in a stretch of its own, so a slow minute of the test host lands on one side only; here it
+/// lands on both.
 fn boot_pairs(s: &Setup, pairs: usize) {
     // One boot of each first, not counted: the criterion group before already warmed both, but a
     // filtered run may start here.
@@ -428,6 +464,7 @@ fn boot_pairs(s: &Setup, pairs: usize) {
 
 fn vm_benches(c: &mut Criterion) {
     let Some(s) = setup() else { return };
+    print_memory_counters("before the restore groups");
     let mut restore = c.benchmark_group("restore_to_first_exec");
     restore.sample_size(10).sampling_mode(SamplingMode::Flat);
     restore.bench_function("host-agent", |b| {
@@ -452,6 +489,7 @@ fn vm_benches(c: &mut Criterion) {
     });
     only.finish();
 
+    print_memory_counters("before the boot groups");
     let mut boot = c.benchmark_group("boot_to_first_exec");
     boot.sample_size(10).sampling_mode(SamplingMode::Flat);
     boot.bench_function("host-agent", |b| {
@@ -461,8 +499,10 @@ fn vm_benches(c: &mut Criterion) {
         b.iter_custom(|iters| (0..iters).map(|_| qemu_boot_once(&s)).sum())
     });
     boot.finish();
+    print_memory_counters("after the boot groups");
     if filter_selects(BOOT_PAIRS) {
         boot_pairs(&s, BOOT_PAIR_COUNT);
+        print_memory_counters("after the interleaved boots");
     }
 
     // Round trips in one running sandbox of each VMM (both restored from their snapshots), beside a
