@@ -134,12 +134,8 @@ fn qemu_snapshot(s: &Setup) {
         format!("unix:{},server=on,wait=off", qmp.display()),
     ]);
     let child = spawn(Command::new(&s.qemu).args(&args));
-    let addr = Address::Vsock {
-        cid: Some(GUEST_CID),
-        port: ENVD_PORT,
-    };
     rt().block_on(async {
-        Client::connect_when_ready(&addr, READY_ATTEMPT, DEADLINE)
+        Client::connect_when_ready(&QEMU_ENVD, READY_ATTEMPT, DEADLINE)
             .await
             .expect("qemu envd ready")
     });
@@ -323,53 +319,47 @@ fn qemu_restore_args(s: &Setup, console: &Path) -> Vec<String> {
     args
 }
 
-fn qemu_restore_once(s: &Setup) -> Duration {
-    let args = qemu_restore_args(s, &s.work.join("qemu-restore.log"));
+/// Launches a VMM, waits for its envd, sends `/init` and runs the first `/bin/true`; the time from
+/// launch to that command's end.
+fn launch_to_first_exec(vmm: &mut Command, envd: &Address) -> Duration {
     let started = Instant::now();
-    let child = spawn(Command::new(&s.qemu).args(&args));
-    let addr = Address::Vsock {
-        cid: Some(GUEST_CID),
-        port: ENVD_PORT,
-    };
-    rt().block_on(init_and_exec(&addr, &["/bin/true"]));
+    let child = spawn(vmm);
+    rt().block_on(init_and_exec(envd, &["/bin/true"]));
     let elapsed = started.elapsed();
     stop(child);
     elapsed
+}
+
+/// QEMU's guest, through vhost-vsock.
+const QEMU_ENVD: Address = Address::Vsock {
+    cid: Some(GUEST_CID),
+    port: ENVD_PORT,
+};
+
+fn qemu_restore_once(s: &Setup) -> Duration {
+    let args = qemu_restore_args(s, &s.work.join("qemu-restore.log"));
+    launch_to_first_exec(Command::new(&s.qemu).args(&args), &QEMU_ENVD)
 }
 
 /// One host-agent boot of the template to the end of the first `/bin/true`, measured from launch.
 fn agent_boot_once(s: &Setup, i: u64) -> Duration {
     let uds = s.work.join(format!("b{i}.sock"));
-    let started = Instant::now();
-    let child = spawn(
-        Command::new(&s.agent)
-            .args(["run", "--envd-timeout-ms", "0", "--template"])
-            .arg(&s.template)
-            .arg("--vsock-uds")
-            .arg(&uds),
-    );
-    let addr = Address::HybridVsock {
+    let mut vmm = Command::new(&s.agent);
+    vmm.args(["run", "--envd-timeout-ms", "0", "--template"])
+        .arg(&s.template)
+        .arg("--vsock-uds")
+        .arg(&uds);
+    let envd = Address::HybridVsock {
         uds,
         port: ENVD_PORT,
     };
-    rt().block_on(init_and_exec(&addr, &["/bin/true"]));
-    let elapsed = started.elapsed();
-    stop(child);
-    elapsed
+    launch_to_first_exec(&mut vmm, &envd)
 }
 
 /// The same with QEMU booting the template's kernel and initrd.
 fn qemu_boot_once(s: &Setup) -> Duration {
-    let started = Instant::now();
-    let child = spawn(Command::new(&s.qemu).args(qemu_args(s, &s.work.join("qemu-boot.log"))));
-    let addr = Address::Vsock {
-        cid: Some(GUEST_CID),
-        port: ENVD_PORT,
-    };
-    rt().block_on(init_and_exec(&addr, &["/bin/true"]));
-    let elapsed = started.elapsed();
-    stop(child);
-    elapsed
+    let args = qemu_args(s, &s.work.join("qemu-boot.log"));
+    launch_to_first_exec(Command::new(&s.qemu).args(args), &QEMU_ENVD)
 }
 
 /// Prints the test host's counters that decide whether a VM's memory gets huge pages (a boot
@@ -527,11 +517,7 @@ fn vm_benches(c: &mut Criterion) {
 
     let qemu =
         spawn(Command::new(&s.qemu).args(qemu_restore_args(&s, &s.work.join("qemu-rt.log"))));
-    let addr = Address::Vsock {
-        cid: Some(GUEST_CID),
-        port: ENVD_PORT,
-    };
-    let client = runtime.block_on(init_and_exec(&addr, &["/bin/true"]));
+    let client = runtime.block_on(init_and_exec(&QEMU_ENVD, &["/bin/true"]));
     roundtrip_benches(c, "qemu_vhost_vsock", &runtime, &client);
     drop(client);
     stop(qemu);
