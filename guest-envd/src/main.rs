@@ -147,7 +147,7 @@ fn listen_and_load_modules(config: &Config) -> anyhow::Result<rpc::Listener> {
         if pid1::load_module(module).is_err() {
             failed += 1;
         }
-        if listener.is_none() && pid1::vsock_family_loaded() {
+        if !family_ready && listener.is_none() && pid1::vsock_family_loaded() {
             listener = bind().ok();
         }
     }

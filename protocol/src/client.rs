@@ -194,11 +194,11 @@ impl Client {
                 client.health().await?;
                 Ok::<_, ClientError>(client)
             };
-            let left = deadline.saturating_sub(started.elapsed());
-            let last_error = match tokio::time::timeout(attempt_timeout.min(left), attempt).await {
+            let limit = attempt_timeout.min(deadline.saturating_sub(started.elapsed()));
+            let last_error = match tokio::time::timeout(limit, attempt).await {
                 Ok(Ok(client)) => return Ok(client),
                 Ok(Err(e)) => e.to_string(),
-                Err(_) => format!("attempt timed out after {attempt_timeout:?}"),
+                Err(_) => format!("attempt timed out after {limit:?}"),
             };
             let waited = started.elapsed();
             if waited + backoff >= deadline {

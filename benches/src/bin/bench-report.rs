@@ -111,16 +111,19 @@ fn main() {
     if let Some(pairs) = &pairs {
         println!(
             "boot_to_first_exec interleaved ({} pairs): host-agent {:.1} ms, qemu {:.1} ms (medians)",
-            pairs.count, pairs.agent_ms, pairs.qemu_ms
+            pairs.agent.len().min(pairs.qemu.len()),
+            pairs.agent_ms,
+            pairs.qemu_ms
         );
         println!("  host-agent samples: {}", ms_list(&pairs.agent));
         println!("  qemu samples:       {}", ms_list(&pairs.qemu));
     }
-    if let Some(ns) = median_ns(&criterion_dir, "restore_to_first_exec/host-agent") {
+    let restore = median_ns(&criterion_dir, "restore_to_first_exec/host-agent");
+    if let Some(ns) = restore {
         println!("restore_to_first_exec_ms_median: {:.1}", ns / 1e6);
     }
     if let (Some(n), Some(d)) = (
-        median_ns(&criterion_dir, "restore_to_first_exec/host-agent"),
+        restore,
         median_ns(&criterion_dir, "restore_to_first_exec/qemu"),
     ) {
         println!("restore_to_first_exec_ratio_vs_qemu: {:.2}", n / d);
@@ -143,7 +146,6 @@ fn main() {
 const BOOT_PAIRS_FILE: &str = "boot_to_first_exec_pairs.json";
 
 struct BootPairs {
-    count: usize,
     agent: Vec<f64>,
     qemu: Vec<f64>,
     agent_ms: f64,
@@ -165,9 +167,8 @@ fn boot_pairs(criterion_dir: &Path) -> Option<BootPairs> {
     let agent = samples("host_agent_ms")?;
     let qemu = samples("qemu_ms")?;
     Some(BootPairs {
-        count: agent.len().min(qemu.len()),
-        agent_ms: median(agent.clone())?,
-        qemu_ms: median(qemu.clone())?,
+        agent_ms: median(&agent)?,
+        qemu_ms: median(&qemu)?,
         agent,
         qemu,
     })
@@ -182,10 +183,11 @@ fn ms_list(v: &[f64]) -> String {
 }
 
 /// The median (the mean of the middle two for an even count); `None` for no samples or a NaN.
-fn median(mut v: Vec<f64>) -> Option<f64> {
-    if v.is_empty() || v.iter().any(|x| x.is_nan()) {
+fn median(samples: &[f64]) -> Option<f64> {
+    if samples.is_empty() || samples.iter().any(|x| x.is_nan()) {
         return None;
     }
+    let mut v = samples.to_vec();
     v.sort_by(f64::total_cmp);
     let mid = v.len() / 2;
     Some(if v.len().is_multiple_of(2) {
@@ -231,10 +233,10 @@ mod tests {
 
     #[test]
     fn median_of_odd_and_even_counts() {
-        assert_eq!(median(vec![3.0, 1.0, 2.0]), Some(2.0));
-        assert_eq!(median(vec![4.0, 1.0, 3.0, 2.0]), Some(2.5));
-        assert_eq!(median(vec![]), None);
-        assert_eq!(median(vec![1.0, f64::NAN]), None);
+        assert_eq!(median(&[3.0, 1.0, 2.0]), Some(2.0));
+        assert_eq!(median(&[4.0, 1.0, 3.0, 2.0]), Some(2.5));
+        assert_eq!(median(&[]), None);
+        assert_eq!(median(&[1.0, f64::NAN]), None);
     }
 
     #[test]
@@ -249,9 +251,10 @@ mod tests {
         .expect("write");
         let pairs = boot_pairs(dir.path()).expect("pairs");
         assert_eq!(
-            (pairs.count, pairs.agent_ms, pairs.qemu_ms),
+            (pairs.agent.len(), pairs.agent_ms, pairs.qemu_ms),
             (3, 20.0, 45.0)
         );
+        assert_eq!(pairs.qemu, [40.0, 50.0, 45.0], "samples kept in order");
         std::fs::write(&path, r#"{"host_agent_ms":[1.0],"qemu_ms":["x"]}"#).expect("write");
         assert!(boot_pairs(dir.path()).is_none());
         std::fs::write(&path, r#"{"host_agent_ms":[],"qemu_ms":[1.0]}"#).expect("write");
