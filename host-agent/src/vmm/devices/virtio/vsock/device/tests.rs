@@ -583,3 +583,150 @@ fn host_data_respects_guest_credit_and_early_bytes_survive_the_handshake() {
     }
     assert_eq!(got.len(), 300);
 }
+
+/// A packet the muxer takes without answering: a reset for a connection it does not know.
+fn send_unanswered(guest: &mut TestGuest) {
+    guest.send(guest_hdr(OP_RST, 52, 4321), &[]);
+}
+
+/// Waits (spinning, with a deadline) until the device has used `count` tx buffers, whether or
+/// not it interrupted the guest for them.
+fn tx_used_without_interrupt(guest: &TestGuest, count: u16) {
+    let deadline = Instant::now() + DEADLINE;
+    while guest
+        .tx
+        .mock
+        .used()
+        .idx()
+        .load()
+        .wrapping_sub(guest.tx.used_seen)
+        < count
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the device never used the tx buffers"
+        );
+        std::thread::yield_now();
+    }
+}
+
+#[test]
+fn used_tx_buffers_are_signalled_after_the_delay_when_nothing_else_is() {
+    let mem = guest_memory();
+    let dir = tempfile::tempdir().unwrap();
+    let mut dev = Vsock::new(GUEST_CID, dir.path().join("v.sock")).unwrap();
+    let delay = Duration::from_millis(50);
+    dev.set_tx_signal_delay(delay);
+    let mut guest = TestGuest::new(&mem);
+    guest.activate(&mut dev);
+
+    let sent = Instant::now();
+    send_unanswered(&mut guest);
+    guest.wait_interrupt(Instant::now() + DEADLINE);
+    assert!(
+        sent.elapsed() >= delay,
+        "interrupted {:?} after a lone tx packet, before the {delay:?} delay",
+        sent.elapsed()
+    );
+    assert_eq!(guest.interrupt.used.load(Ordering::SeqCst), 1);
+    assert!(guest.tx.pop_used().is_some());
+}
+
+#[test]
+fn an_rx_interrupt_carries_the_used_tx_buffers() {
+    let mem = guest_memory();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("v.sock");
+    let mut dev = Vsock::new(GUEST_CID, path.clone()).unwrap();
+    // Longer than any test: only an rx delivery can bring the interrupt.
+    dev.set_tx_signal_delay(Duration::from_secs(3600));
+    let mut guest = TestGuest::new(&mem);
+    guest.activate(&mut dev);
+
+    send_unanswered(&mut guest);
+    tx_used_without_interrupt(&guest, 1);
+    assert_eq!(guest.interrupt.used.load(Ordering::SeqCst), 0);
+
+    let mut host = host_client(&path);
+    host.write_all(b"CONNECT 52\n").unwrap();
+    guest.wait_interrupt(Instant::now() + DEADLINE);
+    assert!(guest.rx.pop_used().is_some(), "the connection request");
+    assert!(guest.tx.pop_used().is_some(), "the earlier tx buffer");
+    assert_eq!(guest.interrupt.used.load(Ordering::SeqCst), 1);
+}
+
+#[test]
+fn a_batch_of_used_tx_buffers_is_signalled_at_once() {
+    let mem = guest_memory();
+    let dir = tempfile::tempdir().unwrap();
+    let mut dev = Vsock::new(GUEST_CID, dir.path().join("v.sock")).unwrap();
+    dev.set_tx_signal_delay(Duration::from_secs(3600));
+    let mut guest = TestGuest::new(&mem);
+    guest.activate(&mut dev);
+
+    let batch = QSIZE / TX_SIGNAL_BATCH_DIVISOR;
+    for _ in 0..batch {
+        guest.tx.offer(
+            &[(&guest_hdr(OP_RST, 52, 4321).encode(), HDR_SIZE as u32)],
+            false,
+        );
+    }
+    guest.kick(TXQ);
+    guest.wait_interrupt(Instant::now() + DEADLINE);
+    let mut used = 0;
+    while guest.tx.pop_used().is_some() {
+        used += 1;
+    }
+    assert_eq!(used, batch);
+}
+
+#[test]
+fn stopping_the_device_signals_used_tx_buffers() {
+    let mem = guest_memory();
+    let dir = tempfile::tempdir().unwrap();
+    let mut dev = Vsock::new(GUEST_CID, dir.path().join("v.sock")).unwrap();
+    dev.set_tx_signal_delay(Duration::from_secs(3600));
+    let mut guest = TestGuest::new(&mem);
+    guest.activate(&mut dev);
+
+    send_unanswered(&mut guest);
+    tx_used_without_interrupt(&guest, 1);
+    assert_eq!(guest.interrupt.used.load(Ordering::SeqCst), 0);
+    assert!(dev.quiesce().is_some());
+    assert_eq!(guest.interrupt.used.load(Ordering::SeqCst), 1);
+}
+
+#[test]
+fn unsignalled_tx_waits_for_the_delay_or_a_batch_and_rx_does_not_wait() {
+    let now = Instant::now();
+    let delay = Duration::from_millis(20);
+    let mut u = Unsignalled::default();
+    assert!(!u.signal_now(256, delay, now), "nothing used");
+    assert_eq!(u.tx_due, None);
+
+    u.tx = 1;
+    assert!(!u.signal_now(256, delay, now));
+    assert_eq!(u.tx_due, Some(now + delay));
+    // The deadline is the first buffer's: later ones do not push it back.
+    u.tx = 2;
+    assert!(!u.signal_now(256, delay, now + delay / 2));
+    assert_eq!(u.tx_due, Some(now + delay));
+    assert!(u.signal_now(256, delay, now + delay));
+
+    let mut batch = Unsignalled {
+        tx: 256 / TX_SIGNAL_BATCH_DIVISOR,
+        ..Default::default()
+    };
+    assert!(batch.signal_now(256, delay, now));
+    let mut tiny_queue = Unsignalled {
+        tx: 1,
+        ..Default::default()
+    };
+    assert!(tiny_queue.signal_now(2, delay, now), "a queue of two");
+
+    let mut rx = Unsignalled {
+        urgent: true,
+        ..Default::default()
+    };
+    assert!(rx.signal_now(256, delay, now));
+}
