@@ -41,8 +41,6 @@ pub struct Vsock {
     reset_evt: Arc<EventFd>,
     /// The queues as the last worker left them (live positions, for a snapshot).
     stopped_queues: Option<Vec<Queue>>,
-    /// See [`TX_SIGNAL_DELAY`]; tests set their own.
-    tx_signal_delay: Duration,
 }
 
 struct WorkerHandle {
@@ -85,13 +83,7 @@ impl Vsock {
             worker: None,
             reset_evt: Arc::new(EventFd::new(EFD_NONBLOCK)?),
             stopped_queues: None,
-            tx_signal_delay: TX_SIGNAL_DELAY,
         })
-    }
-
-    #[cfg(test)]
-    fn set_tx_signal_delay(&mut self, delay: Duration) {
-        self.tx_signal_delay = delay;
     }
 
     pub fn guest_cid(&self) -> u64 {
@@ -208,8 +200,7 @@ impl VirtioDevice for Vsock {
             event_pending: false,
             reset_unacked_until: None,
             tx_stalled: false,
-            used_unsignalled: Unsignalled::default(),
-            tx_signal_delay: self.tx_signal_delay,
+            used_added: false,
         };
         // The worker goes to the thread only once it runs: if the spawn fails, the device keeps
         // its muxer (and listening socket) and can be activated again.
@@ -286,50 +277,8 @@ struct Worker {
     reset_unacked_until: Option<Instant>,
     /// Tx processing paused because the muxer's rx backlog is full.
     tx_stalled: bool,
-    /// Used buffers the guest has not been interrupted for yet.
-    used_unsignalled: Unsignalled,
-    tx_signal_delay: Duration,
-}
-
-/// How long a used tx buffer may wait for its interrupt when nothing else interrupts the guest.
-///
-/// A guest wants its rx buffers at once (they carry data), but a tx buffer only back to free it.
-/// So the interrupt for used tx buffers waits, up to this long, for the next rx delivery to carry
-/// it (one virtio-mmio interrupt covers every queue), and every interrupt saved is a guest
-/// interrupt handler, two trapped register accesses and a worker wakeup. An exec through envd took
-/// three interrupts (the request, then the tx buffers of the guest's credit update, of the
-/// process's start and of its end, in rounds of their own); now it takes one. Short enough that a guest
-/// waiting on tx completions (none does for vsock's flow control, which is credit based) barely
-/// notices; [`TX_SIGNAL_BATCH_DIVISOR`] keeps a busy sender from running out of descriptors.
-const TX_SIGNAL_DELAY: Duration = Duration::from_millis(20);
-
-/// Used tx buffers signalled at once once they reach the queue size over this: a packet takes
-/// one or two descriptors, so a quarter of the queue size in chains is at most half the ring.
-const TX_SIGNAL_BATCH_DIVISOR: u16 = 4;
-
-/// Used buffers added since the guest was last interrupted.
-#[derive(Default)]
-struct Unsignalled {
-    /// Rx or event buffers: the guest needs these now.
-    urgent: bool,
-    /// Tx buffers, and when their interrupt is due at the latest.
-    tx: u16,
-    tx_due: Option<Instant>,
-}
-
-impl Unsignalled {
-    /// Whether the guest must be interrupted now, given the tx queue's size; arms the tx
-    /// deadline (`delay` from now) for buffers that may wait.
-    fn signal_now(&mut self, tx_queue_size: u16, delay: Duration, now: Instant) -> bool {
-        let batch = (tx_queue_size / TX_SIGNAL_BATCH_DIVISOR).max(1);
-        if self.urgent || self.tx >= batch || self.tx_due.is_some_and(|due| now >= due) {
-            return true;
-        }
-        if self.tx > 0 && self.tx_due.is_none() {
-            self.tx_due = Some(now + delay);
-        }
-        false
-    }
+    /// Used buffers added since the last interrupt.
+    used_added: bool,
 }
 
 impl Worker {
@@ -366,14 +315,10 @@ impl Worker {
         self.process_queues();
         let mut events = [EpollEvent::default(); 16];
         loop {
-            let next = [
-                self.muxer.next_deadline(),
-                self.reset_unacked_until,
-                self.used_unsignalled.tx_due,
-            ]
-            .into_iter()
-            .flatten()
-            .min();
+            let next = [self.muxer.next_deadline(), self.reset_unacked_until]
+                .into_iter()
+                .flatten()
+                .min();
             let timeout = epoll_timeout_ms(next);
             let n = match self.epoll.wait(timeout, &mut events) {
                 Ok(n) => n,
@@ -385,13 +330,7 @@ impl Worker {
             };
             for ev in &events[..n] {
                 match ev.data() {
-                    TOKEN_STOP => {
-                        // Whatever is used goes back to the guest before the queues are saved.
-                        if self.used_unsignalled.tx > 0 || self.used_unsignalled.urgent {
-                            self.signal_used();
-                        }
-                        return (self.muxer, self.queues);
-                    }
+                    TOKEN_STOP => return (self.muxer, self.queues),
                     TOKEN_RXQ => drain(&self.queue_events[RXQ]),
                     TOKEN_TXQ => drain(&self.queue_events[TXQ]),
                     TOKEN_EVQ => {
@@ -438,19 +377,11 @@ impl Worker {
             }
         }
         self.process_evq();
-        if self.used_unsignalled.signal_now(
-            self.queues[TXQ].size(),
-            self.tx_signal_delay,
-            Instant::now(),
-        ) {
-            self.signal_used();
-        }
-    }
-
-    fn signal_used(&mut self) {
-        self.used_unsignalled = Unsignalled::default();
-        if let Err(e) = self.interrupt.notify_used() {
-            tracing::error!("vsock: cannot interrupt the guest: {e}");
+        if self.used_added {
+            self.used_added = false;
+            if let Err(e) = self.interrupt.notify_used() {
+                tracing::error!("vsock: cannot interrupt the guest: {e}");
+            }
         }
     }
 
@@ -458,11 +389,7 @@ impl Worker {
         if let Err(e) = self.queues[queue].add_used(&self.mem, head, len) {
             tracing::error!("vsock: cannot return a buffer on queue {queue}: {e}");
         }
-        if queue == TXQ {
-            self.used_unsignalled.tx = self.used_unsignalled.tx.saturating_add(1);
-        } else {
-            self.used_unsignalled.urgent = true;
-        }
+        self.used_added = true;
     }
 
     /// Guest to host: every tx buffer holds one packet for the muxer.
