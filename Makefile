@@ -38,7 +38,9 @@ test: deps lint unit e2e
 demo: deps static
 	@scripts/demo.sh
 
+# The bench's guest probe runs inside the guests too, so it is static like envd.
 bench: deps static
+	$(STATIC_ENV) $(CARGO) build --release -p envd-benches --bin guest-probe --target $(STATIC_TARGET)
 	@scripts/bench.sh
 
 # Fuzz the frame and message decoders (cargo fuzz needs nightly features: RUSTC_BOOTSTRAP on stable).

@@ -23,4 +23,5 @@ vm_bench=$(cargo bench -p envd-benches --bench vm --no-run --message-format=json
   --host-agent "target/$T/release/host-agent" \
   --include "$vm_bench:/usr/local/bin/vm-bench" \
   --include target/release/bench-report:/usr/local/bin/bench-report \
+  --include "target/$T/release/guest-probe:/usr/local/bin/guest-probe" \
   -- sh -c 'ENVD_VM_BENCH=1 CRITERION_HOME=/tmp/criterion vm-bench --bench >&2; s=$?; bench-report /tmp/criterion; exit $s'

@@ -498,6 +498,9 @@ fn vm_benches(c: &mut Criterion) {
     // Round trips in one running sandbox of each VMM (both restored from their snapshots), beside a
     // host spawn of /bin/true.
     let runtime = rt();
+    // The test host's probe first, while no VM runs beside it.
+    let probes = filter_selects(GUEST_PROBE_FILE);
+    let test_host_probe = probes.then(test_host_probe);
     let uds = s.work.join("rt.sock");
     let sandbox = spawn(
         Command::new(&s.agent)
@@ -512,6 +515,7 @@ fn vm_benches(c: &mut Criterion) {
     };
     let client = runtime.block_on(init_and_exec(&addr, &["/bin/true"]));
     roundtrip_benches(c, "host-agent_vsock", &runtime, &client);
+    let agent_probe = probes.then(|| runtime.block_on(guest_probe(&client)));
     drop(client);
     stop(sandbox);
 
@@ -519,8 +523,12 @@ fn vm_benches(c: &mut Criterion) {
         spawn(Command::new(&s.qemu).args(qemu_restore_args(&s, &s.work.join("qemu-rt.log"))));
     let client = runtime.block_on(init_and_exec(&QEMU_ENVD, &["/bin/true"]));
     roundtrip_benches(c, "qemu_vhost_vsock", &runtime, &client);
+    let qemu_probe = probes.then(|| runtime.block_on(guest_probe(&client)));
     drop(client);
     stop(qemu);
+    if let (Some(test_host), Some(agent), Some(qemu)) = (test_host_probe, agent_probe, qemu_probe) {
+        write_probes(test_host, agent, qemu);
+    }
 
     let mut spawn_group = c.benchmark_group("exec_roundtrip");
     spawn_group.bench_function("host_spawn", |b| {
@@ -550,6 +558,80 @@ fn vm_benches(c: &mut Criterion) {
         b.iter(|| host_agent::vmm::anchor::create_vm_with_vcpu().expect("kvm"))
     });
     anchor.finish();
+}
+
+/// The probe's path in the test host (`scripts/bench.sh` puts it there); each guest gets a copy
+/// through envd, so the template and its snapshots stay what the other benchmarks measure.
+const GUEST_PROBE: &str = "/usr/local/bin/guest-probe";
+const GUEST_PROBE_IN_GUEST: &str = "/tmp/guest-probe";
+/// Written for bench-report: the probe's results on the test host and in both guests.
+const GUEST_PROBE_FILE: &str = "guest_probe.json";
+
+/// Copies the guest probe into a sandbox through envd (a shell writing its stdin to the file) and
+/// runs it there: the guest's own process start and CPUID cost.
+async fn guest_probe(client: &Client) -> serde_json::Value {
+    let binary = std::fs::read(GUEST_PROBE).expect("read the guest probe");
+    let upload = client
+        .start(pb::StartRequest {
+            cmd: "sh".into(),
+            args: vec![
+                "-c".into(),
+                format!("cat > {GUEST_PROBE_IN_GUEST} && chmod 755 {GUEST_PROBE_IN_GUEST}"),
+            ],
+            stdin: true,
+            ..Default::default()
+        })
+        .await
+        .expect("start the probe upload");
+    client
+        .stdin(pb::ProcessSelector::pid(upload.pid), &binary, true)
+        .await
+        .expect("send the guest probe");
+    let copied = upload.collect().await.expect("probe upload");
+    assert_eq!(copied.exit_status(), Some(0), "probe upload");
+    let out = client
+        .start(pb::StartRequest {
+            cmd: GUEST_PROBE_IN_GUEST.into(),
+            ..Default::default()
+        })
+        .await
+        .expect("start the guest probe")
+        .collect()
+        .await
+        .expect("guest probe");
+    assert_eq!(
+        out.exit_status(),
+        Some(0),
+        "guest probe: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("guest probe output")
+}
+
+/// Runs the probe on the test host itself.
+fn test_host_probe() -> serde_json::Value {
+    let out = Command::new(GUEST_PROBE)
+        .stderr(Stdio::inherit())
+        .output()
+        .expect("run the probe on the test host");
+    assert!(out.status.success(), "probe on the test host failed");
+    serde_json::from_slice(&out.stdout).expect("test host probe output")
+}
+
+/// Writes the three probes' results for bench-report.
+fn write_probes(test_host: serde_json::Value, agent: serde_json::Value, qemu: serde_json::Value) {
+    let report = serde_json::json!({
+        "test_host": test_host,
+        "host_agent_guest": agent,
+        "qemu_guest": qemu,
+    });
+    let dir = env_path("CRITERION_HOME", "target/criterion");
+    let path = dir.join(GUEST_PROBE_FILE);
+    if let Err(e) =
+        std::fs::create_dir_all(&dir).and_then(|()| std::fs::write(&path, report.to_string()))
+    {
+        panic!("cannot write {}: {e}", path.display());
+    }
 }
 
 /// Exec, init and health round trips over one connection to a running sandbox's envd.

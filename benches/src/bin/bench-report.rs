@@ -103,6 +103,12 @@ fn main() {
             exec / (spawn_loop / SPAWN_LOOP_STARTS)
         );
     }
+    if let Some(probes) = guest_probes(&criterion_dir) {
+        print_probes(
+            &probes,
+            median_ns(&criterion_dir, "exec_roundtrip/host-agent_vsock"),
+        );
+    }
     if let Some(ns) = median_ns(&criterion_dir, "init_roundtrip/envd_unix") {
         println!("init_roundtrip_us_median: {:.1}", ns / 1000.0);
     }
@@ -139,6 +145,62 @@ fn main() {
             criterion_dir.display()
         ),
         None => {}
+    }
+}
+
+/// Written by the vm bench: `guest-probe`'s results on the test host and in both guests.
+const GUEST_PROBE_FILE: &str = "guest_probe.json";
+
+/// One machine's probe medians: a process start (spawn and wait) and one CPUID.
+#[derive(Debug, PartialEq)]
+struct Probe {
+    spawn_ms: f64,
+    cpuid_us: f64,
+}
+
+struct Probes {
+    test_host: Probe,
+    host_agent_guest: Probe,
+    qemu_guest: Probe,
+}
+
+fn guest_probes(criterion_dir: &Path) -> Option<Probes> {
+    let text = std::fs::read_to_string(criterion_dir.join(GUEST_PROBE_FILE)).ok()?;
+    let json: Value = serde_json::from_str(&text).ok()?;
+    let probe = |key: &str| -> Option<Probe> {
+        let p = json.get(key)?;
+        Some(Probe {
+            spawn_ms: p.get("spawn_ms_median")?.as_f64()?,
+            cpuid_us: p.get("cpuid_us_median")?.as_f64()?,
+        })
+    };
+    Some(Probes {
+        test_host: probe("test_host")?,
+        host_agent_guest: probe("host_agent_guest")?,
+        qemu_guest: probe("qemu_guest")?,
+    })
+}
+
+/// The process-start floor of each machine, and an exec round trip against its guest's floor:
+/// what no VMM or agent can go under, and what ours adds to it.
+fn print_probes(p: &Probes, exec_roundtrip_ns: Option<f64>) {
+    println!(
+        "process start (guest-probe: spawn and wait for /bin/true), medians: test host {:.2} ms, host-agent's guest {:.2} ms, QEMU's guest {:.2} ms",
+        p.test_host.spawn_ms, p.host_agent_guest.spawn_ms, p.qemu_guest.spawn_ms
+    );
+    println!(
+        "one CPUID (a VM exit in a guest), medians: test host {:.2} µs, host-agent's guest {:.1} µs, QEMU's guest {:.1} µs",
+        p.test_host.cpuid_us, p.host_agent_guest.cpuid_us, p.qemu_guest.cpuid_us
+    );
+    println!(
+        "guest_process_start_ratio_vs_test_host: {:.2}",
+        p.host_agent_guest.spawn_ms / p.test_host.spawn_ms
+    );
+    if let Some(ns) = exec_roundtrip_ns {
+        println!(
+            "exec_roundtrip_vsock_ratio_vs_guest_process_start: {:.2}",
+            ns / 1e6 / p.host_agent_guest.spawn_ms
+        );
     }
 }
 
@@ -237,6 +299,60 @@ mod tests {
         assert_eq!(median(&[4.0, 1.0, 3.0, 2.0]), Some(2.5));
         assert_eq!(median(&[]), None);
         assert_eq!(median(&[1.0, f64::NAN]), None);
+    }
+
+    #[test]
+    fn guest_probe_file_is_read_and_checked() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        assert!(guest_probes(dir.path()).is_none());
+        let path = dir.path().join(GUEST_PROBE_FILE);
+        let machine = |spawn: f64, cpuid: f64| {
+            format!(
+                r#"{{"program":"/bin/true","spawn_ms_median":{spawn},"cpuid_us_median":{cpuid},"spawn_ms":[1.0]}}"#
+            )
+        };
+        std::fs::write(
+            &path,
+            format!(
+                r#"{{"test_host":{},"host_agent_guest":{},"qemu_guest":{}}}"#,
+                machine(3.0, 0.2),
+                machine(6.5, 105.0),
+                machine(6.9, 104.0)
+            ),
+        )
+        .expect("write");
+        let p = guest_probes(dir.path()).expect("probes");
+        assert_eq!(
+            p.test_host,
+            Probe {
+                spawn_ms: 3.0,
+                cpuid_us: 0.2
+            }
+        );
+        assert_eq!(
+            p.host_agent_guest,
+            Probe {
+                spawn_ms: 6.5,
+                cpuid_us: 105.0
+            }
+        );
+        assert_eq!(
+            p.qemu_guest,
+            Probe {
+                spawn_ms: 6.9,
+                cpuid_us: 104.0
+            }
+        );
+        std::fs::write(
+            &path,
+            format!(
+                r#"{{"test_host":{},"host_agent_guest":{}}}"#,
+                machine(3.0, 0.2),
+                machine(6.5, 105.0)
+            ),
+        )
+        .expect("write");
+        assert!(guest_probes(dir.path()).is_none(), "a machine missing");
     }
 
     #[test]
