@@ -2,8 +2,9 @@
 //! (built static) on the test host and, through envd, inside each VMM's guest, and bench-report
 //! sets the results side by side.
 //!
-//! - process start: `PROGRAM` started and waited for, the way the bench's host spawn does it
-//!   (`Command::status`, a vfork-style `posix_spawn` in std), `SPAWNS` times;
+//! - process start: `PROGRAM` started and waited for with `Command::status`, `SPAWNS` times (in
+//!   this static build std forks and execs: it takes `posix_spawn` only after looking glibc's
+//!   version up at run time, which a static binary cannot), the same on every machine;
 //! - CPUID: one instruction, `CPUID_ROUNDS` rounds of `CPUID_BATCH`. In a guest every CPUID is a VM
 //!   exit, so its cost is the price of an exit there; glibc's start-up runs ~35 of them in every
 //!   process, which is most of what makes a guest's process start slower than its host's under
