@@ -13,7 +13,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, criterion_main, Criterion, SamplingMode};
-use envd_protocol::{pb, Address, Client, READY_ATTEMPT};
+use envd_protocol::{pb, Address, Client, Output, READY_ATTEMPT};
 
 const GUEST_CID: u32 = 3;
 const ENVD_PORT: u32 = 49983;
@@ -59,8 +59,8 @@ async fn init_and_exec(addr: &Address, argv: &[&str]) -> Client {
     client
 }
 
-/// Runs `argv` through envd to its end and checks that it exited 0.
-async fn exec_ok(client: &Client, argv: &[&str]) {
+/// Runs `argv` through envd to its end, checks that it exited 0 and returns what it printed.
+async fn exec_ok(client: &Client, argv: &[&str]) -> Output {
     let out = client
         .start(pb::StartRequest {
             cmd: argv[0].into(),
@@ -72,7 +72,13 @@ async fn exec_ok(client: &Client, argv: &[&str]) {
         .collect()
         .await
         .expect("end");
-    assert_eq!(out.exit_status(), Some(0), "{argv:?}");
+    assert_eq!(
+        out.exit_status(),
+        Some(0),
+        "{argv:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
 }
 
 fn qemu_args(s: &Setup, console: &Path) -> Vec<String> {
@@ -589,22 +595,7 @@ async fn guest_probe(client: &Client) -> serde_json::Value {
         .expect("send the guest probe");
     let copied = upload.collect().await.expect("probe upload");
     assert_eq!(copied.exit_status(), Some(0), "probe upload");
-    let out = client
-        .start(pb::StartRequest {
-            cmd: GUEST_PROBE_IN_GUEST.into(),
-            ..Default::default()
-        })
-        .await
-        .expect("start the guest probe")
-        .collect()
-        .await
-        .expect("guest probe");
-    assert_eq!(
-        out.exit_status(),
-        Some(0),
-        "guest probe: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out = exec_ok(client, &[GUEST_PROBE_IN_GUEST]).await;
     serde_json::from_slice(&out.stdout).expect("guest probe output")
 }
 
