@@ -13,6 +13,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, criterion_main, Criterion, SamplingMode};
+use envd_benches::{BOOT_PAIRS_FILE, GUEST_PROBE_FILE};
 use envd_protocol::{pb, Address, Client, Output, READY_ATTEMPT};
 
 const GUEST_CID: u32 = 3;
@@ -404,7 +405,8 @@ fn print_memory_counters(when: &str) {
     );
 }
 
-/// The name of the interleaved boot comparison (and its file in the criterion directory).
+/// The name of the interleaved boot comparison, as a bench filter selects it (its results go to
+/// [`BOOT_PAIRS_FILE`]).
 const BOOT_PAIRS: &str = "boot_to_first_exec_pairs";
 const BOOT_PAIR_COUNT: usize = 10;
 
@@ -448,14 +450,20 @@ fn boot_pairs(s: &Setup, pairs: usize) {
         "host_agent_ms": ms(&agent),
         "qemu_ms": ms(&qemu),
     });
+    let path = write_for_report(BOOT_PAIRS_FILE, &report);
+    eprintln!("{BOOT_PAIRS}: {pairs} pairs written to {}", path.display());
+}
+
+/// Writes `report` as `file` in the criterion directory, where bench-report reads it.
+fn write_for_report(file: &str, report: &serde_json::Value) -> PathBuf {
     let dir = env_path("CRITERION_HOME", "target/criterion");
-    let path = dir.join(format!("{BOOT_PAIRS}.json"));
-    let written =
-        std::fs::create_dir_all(&dir).and_then(|()| std::fs::write(&path, report.to_string()));
-    match written {
-        Ok(()) => eprintln!("{BOOT_PAIRS}: {pairs} pairs written to {}", path.display()),
-        Err(e) => panic!("cannot write {}: {e}", path.display()),
+    let path = dir.join(file);
+    if let Err(e) =
+        std::fs::create_dir_all(&dir).and_then(|()| std::fs::write(&path, report.to_string()))
+    {
+        panic!("cannot write {}: {e}", path.display());
     }
+    path
 }
 
 fn vm_benches(c: &mut Criterion) {
@@ -570,8 +578,6 @@ fn vm_benches(c: &mut Criterion) {
 /// through envd, so the template and its snapshots stay what the other benchmarks measure.
 const GUEST_PROBE: &str = "/usr/local/bin/guest-probe";
 const GUEST_PROBE_IN_GUEST: &str = "/tmp/guest-probe";
-/// Written for bench-report: the probe's results on the test host and in both guests.
-const GUEST_PROBE_FILE: &str = "guest_probe.json";
 
 /// Copies the guest probe into a sandbox through envd (a shell writing its stdin to the file) and
 /// runs it there: the guest's own process start and CPUID cost.
@@ -616,13 +622,7 @@ fn write_probes(test_host: serde_json::Value, agent: serde_json::Value, qemu: se
         "host_agent_guest": agent,
         "qemu_guest": qemu,
     });
-    let dir = env_path("CRITERION_HOME", "target/criterion");
-    let path = dir.join(GUEST_PROBE_FILE);
-    if let Err(e) =
-        std::fs::create_dir_all(&dir).and_then(|()| std::fs::write(&path, report.to_string()))
-    {
-        panic!("cannot write {}: {e}", path.display());
-    }
+    write_for_report(GUEST_PROBE_FILE, &report);
 }
 
 /// Exec, init and health round trips over one connection to a running sandbox's envd.

@@ -1,4 +1,5 @@
-//! Helpers shared by the benchmarks: a guest-envd started as a local process on a Unix socket.
+//! Helpers shared by the benchmarks: a guest-envd started as a local process on a Unix socket, the
+//! files the vm bench leaves for bench-report, and the median they are all summarised with.
 
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
@@ -55,5 +56,39 @@ impl Drop for LocalEnvd {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+/// Written by the vm bench into the criterion directory, read by bench-report: both VMMs' boots to
+/// the first exec, taken alternately.
+pub const BOOT_PAIRS_FILE: &str = "boot_to_first_exec_pairs.json";
+/// The same for `guest-probe`'s results on the test host and in both guests.
+pub const GUEST_PROBE_FILE: &str = "guest_probe.json";
+
+/// The median (the mean of the middle two for an even count); `None` for no samples or a NaN.
+pub fn median(samples: &[f64]) -> Option<f64> {
+    if samples.is_empty() || samples.iter().any(|x| x.is_nan()) {
+        return None;
+    }
+    let mut v = samples.to_vec();
+    v.sort_by(f64::total_cmp);
+    let mid = v.len() / 2;
+    Some(if v.len().is_multiple_of(2) {
+        (v[mid - 1] + v[mid]) / 2.0
+    } else {
+        v[mid]
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn median_of_odd_and_even_counts() {
+        assert_eq!(median(&[3.0, 1.0, 2.0]), Some(2.0));
+        assert_eq!(median(&[4.0, 1.0, 3.0, 2.0]), Some(2.5));
+        assert_eq!(median(&[]), None);
+        assert_eq!(median(&[1.0, f64::NAN]), None);
     }
 }

@@ -3,6 +3,7 @@
 
 use std::path::{Path, PathBuf};
 
+use envd_benches::{median, BOOT_PAIRS_FILE, GUEST_PROBE_FILE};
 use serde_json::Value;
 
 /// (label, numerator, denominator): each a criterion "group/function" id.
@@ -148,9 +149,6 @@ fn main() {
     }
 }
 
-/// Written by the vm bench: `guest-probe`'s results on the test host and in both guests.
-const GUEST_PROBE_FILE: &str = "guest_probe.json";
-
 /// One machine's probe medians: a process start (spawn and wait) and one CPUID.
 #[derive(Debug, PartialEq)]
 struct Probe {
@@ -204,9 +202,6 @@ fn print_probes(p: &Probes, exec_roundtrip_ns: Option<f64>) {
     }
 }
 
-/// Written by the vm bench: both VMMs' boots to the first exec, taken alternately.
-const BOOT_PAIRS_FILE: &str = "boot_to_first_exec_pairs.json";
-
 struct BootPairs {
     agent: Vec<f64>,
     qemu: Vec<f64>,
@@ -244,21 +239,6 @@ fn ms_list(v: &[f64]) -> String {
         .join(" ")
 }
 
-/// The median (the mean of the middle two for an even count); `None` for no samples or a NaN.
-fn median(samples: &[f64]) -> Option<f64> {
-    if samples.is_empty() || samples.iter().any(|x| x.is_nan()) {
-        return None;
-    }
-    let mut v = samples.to_vec();
-    v.sort_by(f64::total_cmp);
-    let mid = v.len() / 2;
-    Some(if v.len().is_multiple_of(2) {
-        (v[mid - 1] + v[mid]) / 2.0
-    } else {
-        v[mid]
-    })
-}
-
 /// Every "group/function" directory holding a `new/estimates.json`.
 fn collect_ids(root: &Path, dir: &Path, out: &mut Vec<String>) {
     let Ok(entries) = std::fs::read_dir(dir) else {
@@ -292,14 +272,6 @@ fn human(ns: f64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn median_of_odd_and_even_counts() {
-        assert_eq!(median(&[3.0, 1.0, 2.0]), Some(2.0));
-        assert_eq!(median(&[4.0, 1.0, 3.0, 2.0]), Some(2.5));
-        assert_eq!(median(&[]), None);
-        assert_eq!(median(&[1.0, f64::NAN]), None);
-    }
 
     #[test]
     fn guest_probe_file_is_read_and_checked() {

@@ -16,6 +16,8 @@
 use std::process::{Command, ExitCode, Stdio};
 use std::time::Instant;
 
+use envd_benches::median;
+
 const SPAWNS: usize = 60;
 const CPUID_ROUNDS: usize = 20;
 const CPUID_BATCH: u32 = 50;
@@ -56,8 +58,8 @@ fn main() -> ExitCode {
     println!(
         "{{\"program\":{:?},\"spawn_ms_median\":{:.4},\"cpuid_us_median\":{:.4},\"spawn_ms\":[{}]}}",
         program,
-        median(&spawn_ms),
-        median(&cpuid_us),
+        median(&spawn_ms).unwrap_or(f64::NAN),
+        median(&cpuid_us).unwrap_or(f64::NAN),
         spawn_ms
             .iter()
             .map(|x| format!("{x:.3}"))
@@ -70,10 +72,4 @@ fn main() -> ExitCode {
 /// One CPUID (the maximum extended leaf, which every x86-64 CPU has).
 fn cpuid() {
     std::hint::black_box(std::arch::x86_64::__cpuid(0x8000_0000));
-}
-
-fn median(samples: &[f64]) -> f64 {
-    let mut v = samples.to_vec();
-    v.sort_by(f64::total_cmp);
-    v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
 }
